@@ -1,0 +1,449 @@
+//! assemble: readings → per-cell spatio-temporal windows in event time.
+//!
+//! Time is cut into steps of the model's cadence: step `s` holds event times
+//! `[s·cadence, (s+1)·cadence)`. Each partition has a watermark, its largest event time so far
+//! minus the allowed lateness; a cell's watermark is the least watermark of the partitions that
+//! have fed it. Step `s` of a cell is *closed* once the cell's watermark reaches `(s+1)·cadence`.
+//!
+//! Invariants:
+//! - A reading whose step is already closed for its cell is *late*: it is refused (the caller
+//!   dead-letters it) and changes nothing, so the windows emitted never depend on how late data
+//!   arrived.
+//! - Windows end on multiples of `hop` steps (aligned to the epoch, so every instance cuts the
+//!   same windows). The window ending at step `e` covers steps `[e−T, e)` and is emitted exactly
+//!   once, when step `e−1` closes. It is a `[T × N × F]` tensor of per-step means of normalised
+//!   values plus a mask that is 1 exactly where something was observed; unobserved entries are 0
+//!   in the values and 0 in the mask, never a silent zero reading.
+//! - A step is kept until no future window needs it. [`Assembler::low_water`] is the least
+//!   source offset, per partition, of any reading in a kept step; every emitted [`Window`]
+//!   carries the least offsets of its own readings in [`Window::holds`]. Together they are what
+//!   an offset commit must not pass.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::schema::Reading;
+
+/// Where a reading came from: the partition and offset of its Kafka message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Provenance {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Shape of the windows, from the model contract and configuration.
+#[derive(Debug, Clone)]
+pub struct AssembleSpec {
+    pub cadence_ms: i64,
+    /// Steps per window (T).
+    pub window_steps: usize,
+    /// Steps between two window ends of a cell.
+    pub hop_steps: usize,
+    /// Channel names in model order (F).
+    pub channels: Vec<String>,
+    /// Per channel `(mean, std)` used to normalise values.
+    pub normalisation: Vec<(f64, f64)>,
+    pub allowed_lateness_ms: i64,
+    /// Most nodes one cell may hold.
+    pub max_nodes: usize,
+    /// Windows with a smaller observed fraction are skipped (counted, not scored).
+    pub min_observed_fraction: f64,
+}
+
+impl AssembleSpec {
+    fn step_of(&self, event_time_ms: i64) -> i64 {
+        event_time_ms.div_euclid(self.cadence_ms)
+    }
+
+    fn features(&self) -> usize {
+        self.channels.len()
+    }
+}
+
+/// One window ready to be scored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub cell: Arc<str>,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// Node of each slot of the N axis.
+    pub nodes: Vec<Arc<str>>,
+    /// `[T × N × F]`, row-major, normalised; 0 where unobserved.
+    pub values: Vec<f32>,
+    /// `[T × N × F]`, 1 where observed.
+    pub mask: Vec<f32>,
+    pub missing_fraction: f64,
+    /// Least source offset per partition of the readings in this window.
+    pub holds: Vec<(i32, i64)>,
+}
+
+impl Window {
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+}
+
+/// What happened to one reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Added; `ignored` of its channels are not model channels and were skipped.
+    Accepted { ignored: usize },
+    /// None of its channels is a model channel; nothing was added.
+    NoModelChannel,
+    /// Its step had closed: `step_end_ms` is at or below the cell's watermark.
+    Late { step_end_ms: i64, watermark_ms: i64 },
+    /// The cell is full and the node is new to it.
+    CellFull,
+}
+
+/// What happened to the windows that closed while adding a reading.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Closed {
+    pub emitted: usize,
+    /// Closed windows below `min_observed_fraction`.
+    pub sparse: usize,
+}
+
+#[derive(Debug, Default)]
+struct Step {
+    /// Sum of normalised values, `[N × F]`, grown as nodes join.
+    sum: Vec<f32>,
+    count: Vec<u16>,
+    /// Least offset per partition among this step's readings.
+    low: Vec<(i32, i64)>,
+}
+
+impl Step {
+    fn add(&mut self, index: usize, value: f32, at: Provenance) {
+        if self.sum.len() <= index {
+            self.sum.resize(index + 1, 0.0);
+            self.count.resize(index + 1, 0);
+        }
+        self.sum[index] += value;
+        self.count[index] = self.count[index].saturating_add(1);
+        merge_low(&mut self.low, at.partition, at.offset);
+    }
+}
+
+fn merge_low(low: &mut Vec<(i32, i64)>, partition: i32, offset: i64) {
+    match low.iter_mut().find(|(p, _)| *p == partition) {
+        Some((_, o)) => *o = (*o).min(offset),
+        None => low.push((partition, offset)),
+    }
+}
+
+#[derive(Debug)]
+struct CellState {
+    nodes: Vec<Arc<str>>,
+    slots: HashMap<Arc<str>, usize>,
+    /// Step index of `steps[0]`.
+    base_step: i64,
+    steps: VecDeque<Step>,
+    /// Every step below this is closed.
+    closed_before: i64,
+    /// Partitions that have fed this cell.
+    partitions: Vec<i32>,
+    last_data_step: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PartitionClock {
+    max_event_time_ms: i64,
+    /// `closed_before` this partition allows, when cells were last swept.
+    swept: i64,
+}
+
+/// Event-time state of every cell this instance assembles.
+pub struct Assembler {
+    spec: AssembleSpec,
+    cells: DashMap<Arc<str>, CellState>,
+    clocks: HashMap<i32, PartitionClock>,
+    cells_of_partition: HashMap<i32, Vec<Arc<str>>>,
+}
+
+impl Assembler {
+    pub fn new(spec: AssembleSpec) -> Self {
+        assert!(spec.cadence_ms > 0 && spec.window_steps > 0 && spec.hop_steps > 0);
+        assert_eq!(spec.channels.len(), spec.normalisation.len());
+        Self {
+            spec,
+            cells: DashMap::new(),
+            clocks: HashMap::new(),
+            cells_of_partition: HashMap::new(),
+        }
+    }
+
+    pub fn spec(&self) -> &AssembleSpec {
+        &self.spec
+    }
+
+    pub fn cell_count(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// First step a partition's watermark has not closed, or `i64::MIN` before any data.
+    fn partition_closed(&self, partition: i32) -> i64 {
+        self.clocks
+            .get(&partition)
+            .map_or(i64::MIN, |c| self.closed_for(c.max_event_time_ms))
+    }
+
+    fn closed_for(&self, max_event_time_ms: i64) -> i64 {
+        (max_event_time_ms - self.spec.allowed_lateness_ms).div_euclid(self.spec.cadence_ms)
+    }
+
+    /// Adds one validated reading of node `node` in cell `cell`, and appends to `out` every
+    /// window that closes because of it.
+    pub fn add(
+        &mut self,
+        cell: &Arc<str>,
+        node: &Arc<str>,
+        reading: &Reading,
+        at: Provenance,
+        out: &mut Vec<Window>,
+    ) -> (Admission, Closed) {
+        let admission = self.insert(cell, node, reading, at);
+        let closed = self.advance(at.partition, reading.event_time_ms, out);
+        (admission, closed)
+    }
+
+    fn insert(
+        &mut self,
+        cell: &Arc<str>,
+        node: &Arc<str>,
+        reading: &Reading,
+        at: Provenance,
+    ) -> Admission {
+        let step = self.spec.step_of(reading.event_time_ms);
+        let partition_closed = self.partition_closed(at.partition);
+        let mut state = self
+            .cells
+            .entry(Arc::clone(cell))
+            .or_insert_with(|| CellState {
+                nodes: Vec::new(),
+                slots: HashMap::new(),
+                base_step: step,
+                steps: VecDeque::new(),
+                closed_before: partition_closed,
+                partitions: Vec::new(),
+                last_data_step: i64::MIN,
+            });
+        if step < state.closed_before {
+            return Admission::Late {
+                step_end_ms: (step + 1) * self.spec.cadence_ms,
+                watermark_ms: state.closed_before * self.spec.cadence_ms,
+            };
+        }
+        let features: Vec<(usize, f32)> = reading
+            .values
+            .iter()
+            .filter_map(|(name, value)| {
+                let f = self.spec.channels.iter().position(|c| c == name)?;
+                let (mean, std) = self.spec.normalisation[f];
+                Some((f, ((value - mean) / std) as f32))
+            })
+            .collect();
+        let ignored = reading.values.len() - features.len();
+        if features.is_empty() {
+            return Admission::NoModelChannel;
+        }
+        let slot = match state.slots.get(node) {
+            Some(&slot) => slot,
+            None if state.nodes.len() >= self.spec.max_nodes => return Admission::CellFull,
+            None => {
+                let slot = state.nodes.len();
+                state.nodes.push(Arc::clone(node));
+                state.slots.insert(Arc::clone(node), slot);
+                slot
+            }
+        };
+        if state.steps.is_empty() {
+            state.base_step = step;
+        }
+        while step < state.base_step {
+            state.steps.push_front(Step::default());
+            state.base_step -= 1;
+        }
+        let index = (step - state.base_step) as usize;
+        while state.steps.len() <= index {
+            state.steps.push_back(Step::default());
+        }
+        let width = self.spec.features();
+        for (f, value) in features {
+            state.steps[index].add(slot * width + f, value, at);
+        }
+        state.last_data_step = state.last_data_step.max(step);
+        if !state.partitions.contains(&at.partition) {
+            state.partitions.push(at.partition);
+            drop(state);
+            self.cells_of_partition
+                .entry(at.partition)
+                .or_default()
+                .push(Arc::clone(cell));
+        }
+        Admission::Accepted { ignored }
+    }
+
+    /// Moves the partition's clock to `event_time_ms` and closes what that allows.
+    fn advance(&mut self, partition: i32, event_time_ms: i64, out: &mut Vec<Window>) -> Closed {
+        let clock = self.clocks.entry(partition).or_insert(PartitionClock {
+            max_event_time_ms: event_time_ms,
+            swept: i64::MIN,
+        });
+        clock.max_event_time_ms = clock.max_event_time_ms.max(event_time_ms);
+        let max = clock.max_event_time_ms;
+        let closed = self.closed_for(max);
+        let clock = self.clocks.get_mut(&partition).expect("inserted above");
+        if closed <= clock.swept {
+            return Closed::default();
+        }
+        clock.swept = closed;
+        let mut result = Closed::default();
+        let cells = self
+            .cells_of_partition
+            .get(&partition)
+            .cloned()
+            .unwrap_or_default();
+        for cell in cells {
+            let Some(mut state) = self.cells.get_mut(&cell) else {
+                continue;
+            };
+            let target = state
+                .partitions
+                .iter()
+                .map(|p| self.partition_closed(*p))
+                .min()
+                .unwrap_or(closed);
+            if target > state.closed_before {
+                let r = close(&self.spec, &cell, &mut state, target, out);
+                result.emitted += r.emitted;
+                result.sparse += r.sparse;
+            }
+        }
+        result
+    }
+
+    /// Least source offset per partition still held by a kept step.
+    pub fn low_water(&self) -> HashMap<i32, i64> {
+        let mut low = HashMap::new();
+        for cell in self.cells.iter() {
+            for step in &cell.steps {
+                for &(p, o) in &step.low {
+                    low.entry(p)
+                        .and_modify(|m: &mut i64| *m = (*m).min(o))
+                        .or_insert(o);
+                }
+            }
+        }
+        low
+    }
+
+    /// Bytes of window state held, and the bytes of the raw `[steps × N × F]` f32 tensor it
+    /// represents.
+    pub fn memory(&self) -> (usize, usize) {
+        let mut held = 0;
+        let mut raw = 0;
+        for cell in self.cells.iter() {
+            for step in &cell.steps {
+                held +=
+                    step.sum.capacity() * 4 + step.count.capacity() * 2 + step.low.capacity() * 16;
+            }
+            raw += cell.steps.len() * cell.nodes.len() * self.spec.features() * 4;
+        }
+        (held, raw)
+    }
+}
+
+/// Closes a cell's steps below `target`, emitting the windows that end in `(closed_before,
+/// target]`, then drops the steps no future window needs.
+fn close(
+    spec: &AssembleSpec,
+    cell: &Arc<str>,
+    state: &mut CellState,
+    target: i64,
+    out: &mut Vec<Window>,
+) -> Closed {
+    let hop = spec.hop_steps as i64;
+    let t = spec.window_steps as i64;
+    let mut result = Closed::default();
+    // Only windows that contain data can be worth building.
+    let last_useful = target.min(state.last_data_step.saturating_add(t));
+    let first_end = (state.closed_before.div_euclid(hop) + 1) * hop;
+    let mut end = first_end.max(
+        // Skip straight past empty history after a long gap.
+        (state.base_step.div_euclid(hop) + 1) * hop,
+    );
+    while end <= last_useful {
+        match build(spec, cell, state, end) {
+            Some(window) => {
+                out.push(window);
+                result.emitted += 1;
+            }
+            None => result.sparse += 1,
+        }
+        end += hop;
+    }
+    state.closed_before = target;
+    let next_end = (target.div_euclid(hop) + 1) * hop;
+    let keep_from = next_end - t;
+    while state.base_step < keep_from && !state.steps.is_empty() {
+        state.steps.pop_front();
+        state.base_step += 1;
+    }
+    if state.steps.is_empty() {
+        state.base_step = keep_from.max(state.base_step);
+    }
+    result
+}
+
+/// The window ending at step `end`, or `None` when too little of it was observed.
+fn build(spec: &AssembleSpec, cell: &Arc<str>, state: &CellState, end: i64) -> Option<Window> {
+    let t = spec.window_steps;
+    let f = spec.features();
+    let n = state.nodes.len();
+    let start = end - t as i64;
+    let mut values = vec![0.0f32; t * n * f];
+    let mut mask = vec![0.0f32; t * n * f];
+    let mut observed = 0usize;
+    let mut holds: Vec<(i32, i64)> = Vec::new();
+    for ti in 0..t {
+        let step_index = start + ti as i64 - state.base_step;
+        if step_index < 0 {
+            continue;
+        }
+        let Some(step) = state.steps.get(step_index as usize) else {
+            continue;
+        };
+        for &(p, o) in &step.low {
+            merge_low(&mut holds, p, o);
+        }
+        for (i, (&sum, &count)) in step.sum.iter().zip(&step.count).enumerate().take(n * f) {
+            if count > 0 {
+                values[ti * n * f + i] = sum / f32::from(count);
+                mask[ti * n * f + i] = 1.0;
+                observed += 1;
+            }
+        }
+    }
+    let total = t * n * f;
+    let observed_fraction = observed as f64 / total as f64;
+    if total == 0 || observed_fraction < spec.min_observed_fraction {
+        return None;
+    }
+    holds.sort_unstable();
+    Some(Window {
+        cell: Arc::clone(cell),
+        start_ms: start * spec.cadence_ms,
+        end_ms: end * spec.cadence_ms,
+        nodes: state.nodes.clone(),
+        values,
+        mask,
+        missing_fraction: 1.0 - observed_fraction,
+        holds,
+    })
+}
+
+#[cfg(test)]
+mod tests;

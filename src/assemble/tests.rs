@@ -1,0 +1,314 @@
+//! Event time is supplied by each test; nothing here sleeps or reads a clock.
+
+use super::*;
+use proptest::prelude::*;
+
+fn spec(lateness_ms: i64) -> AssembleSpec {
+    AssembleSpec {
+        cadence_ms: 1_000,
+        window_steps: 4,
+        hop_steps: 2,
+        channels: vec!["temperature".into(), "current".into()],
+        // Normalise temperature as (x - 50) / 10, current unchanged.
+        normalisation: vec![(50.0, 10.0), (0.0, 1.0)],
+        allowed_lateness_ms: lateness_ms,
+        max_nodes: 3,
+        min_observed_fraction: 0.0,
+    }
+}
+
+fn reading(node: &str, t: i64, values: &[(&str, f64)]) -> Reading {
+    Reading {
+        node_id: node.into(),
+        event_time_ms: t,
+        values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        sequence: None,
+    }
+}
+
+struct Feed {
+    assembler: Assembler,
+    cell: Arc<str>,
+    windows: Vec<Window>,
+    offset: i64,
+}
+
+impl Feed {
+    fn new(spec: AssembleSpec) -> Self {
+        Self {
+            assembler: Assembler::new(spec),
+            cell: Arc::from("line-1"),
+            windows: Vec::new(),
+            offset: 0,
+        }
+    }
+
+    fn add(&mut self, r: Reading) -> Admission {
+        let node: Arc<str> = Arc::from(r.node_id.as_str());
+        let at = Provenance {
+            partition: 0,
+            offset: self.offset,
+        };
+        self.offset += 1;
+        let cell = Arc::clone(&self.cell);
+        self.assembler
+            .add(&cell, &node, &r, at, &mut self.windows)
+            .0
+    }
+}
+
+#[test]
+fn buckets_average_and_normalise_with_a_mask() {
+    let mut feed = Feed::new(spec(0));
+    // Steps 0..4 for node a; node b only reports temperature at steps 1 and 3.
+    for s in 0..4 {
+        feed.add(reading(
+            "a",
+            s * 1_000,
+            &[("temperature", 60.0), ("current", s as f64)],
+        ));
+        feed.add(reading("a", s * 1_000 + 500, &[("temperature", 70.0)]));
+        if s % 2 == 1 {
+            feed.add(reading("b", s * 1_000 + 10, &[("temperature", 40.0)]));
+        }
+    }
+    // The watermark is at 3.51 s: steps 0..3 closed, so only the window ending at step 2
+    // (steps -2..2) is out.
+    assert_eq!(feed.windows.len(), 1);
+    // Move time to 4 s: step 3 closes and the window [0, 4) is emitted.
+    feed.add(reading("a", 4_000, &[("current", 9.0)]));
+    assert_eq!(feed.windows.len(), 2);
+    let w = &feed.windows[1];
+    assert_eq!((w.start_ms, w.end_ms), (0, 4_000));
+    assert_eq!(w.nodes, vec![Arc::<str>::from("a"), Arc::from("b")]);
+    // [T=4][N=2][F=2]
+    let at =
+        |t: usize, n: usize, f: usize| (w.values[t * 4 + n * 2 + f], w.mask[t * 4 + n * 2 + f]);
+    // Node a temperature: mean of 60 and 70 = 65 -> (65 - 50) / 10 = 1.5.
+    assert_eq!(at(0, 0, 0), (1.5, 1.0));
+    // Node a current at step 2 is 2.0 (one reading; the 500 ms reading had no current).
+    assert_eq!(at(2, 0, 1), (2.0, 1.0));
+    // Node b: observed at step 1 only for temperature; current never observed.
+    assert_eq!(at(0, 1, 0), (0.0, 0.0));
+    assert_eq!(at(1, 1, 0), (-1.0, 1.0));
+    assert_eq!(at(1, 1, 1), (0.0, 0.0));
+    // 16 entries: a has 8, b has 2 observed.
+    assert!((w.missing_fraction - 6.0 / 16.0).abs() < 1e-12);
+}
+
+#[test]
+fn readings_behind_the_watermark_are_late_and_change_nothing() {
+    let mut feed = Feed::new(spec(1_500));
+    feed.add(reading("a", 10_000, &[("current", 1.0)]));
+    // Watermark 8.5 s: steps below 8 are closed.
+    assert_eq!(
+        feed.add(reading("a", 7_999, &[("current", 1.0)])),
+        Admission::Late {
+            step_end_ms: 8_000,
+            watermark_ms: 8_000
+        }
+    );
+    // Within the allowed lateness: accepted.
+    assert!(matches!(
+        feed.add(reading("a", 8_000, &[("current", 1.0)])),
+        Admission::Accepted { .. }
+    ));
+    // A late reading did not move the clock backwards or forwards.
+    feed.add(reading("a", 11_600, &[("current", 1.0)]));
+    let ends: Vec<i64> = feed.windows.iter().map(|w| w.end_ms).collect();
+    assert_eq!(ends, vec![10_000]);
+}
+
+#[test]
+fn windows_are_aligned_to_the_epoch_and_hop() {
+    let mut feed = Feed::new(spec(0));
+    for s in 3..20 {
+        feed.add(reading("a", s * 1_000, &[("current", 1.0)]));
+    }
+    let ends: Vec<i64> = feed.windows.iter().map(|w| w.end_ms / 1_000).collect();
+    // Data starts at step 3, closed up to 19: window ends 4, 6, ..., 18.
+    assert_eq!(ends, vec![4, 6, 8, 10, 12, 14, 16, 18]);
+    // Each window has four steps; the first holds one observed entry of eight (step 3, current).
+    assert_eq!(feed.windows[0].start_ms, 0);
+    assert!((feed.windows[0].missing_fraction - 7.0 / 8.0).abs() < 1e-12);
+}
+
+#[test]
+fn unknown_channels_are_ignored_and_useless_readings_refused() {
+    let mut feed = Feed::new(spec(0));
+    assert_eq!(
+        feed.add(reading("a", 0, &[("current", 1.0), ("flow", 3.0)])),
+        Admission::Accepted { ignored: 1 }
+    );
+    assert_eq!(
+        feed.add(reading("a", 0, &[("flow", 3.0)])),
+        Admission::NoModelChannel
+    );
+}
+
+#[test]
+fn a_full_cell_refuses_new_nodes() {
+    let mut feed = Feed::new(spec(0));
+    for node in ["a", "b", "c"] {
+        assert!(matches!(
+            feed.add(reading(node, 0, &[("current", 1.0)])),
+            Admission::Accepted { .. }
+        ));
+    }
+    assert_eq!(
+        feed.add(reading("d", 0, &[("current", 1.0)])),
+        Admission::CellFull
+    );
+    assert!(matches!(
+        feed.add(reading("a", 0, &[("current", 1.0)])),
+        Admission::Accepted { .. }
+    ));
+}
+
+#[test]
+fn sparse_windows_are_skipped() {
+    let mut feed = Feed::new(AssembleSpec {
+        min_observed_fraction: 0.6,
+        ..spec(0)
+    });
+    for s in 0..8 {
+        feed.add(reading(
+            "a",
+            s * 1_000,
+            &[("current", 1.0), ("temperature", 50.0)],
+        ));
+    }
+    // Window ending at 2 covers steps -2..2: half observed, skipped. Ends 4 and 6 are full.
+    let ends: Vec<i64> = feed.windows.iter().map(|w| w.end_ms / 1_000).collect();
+    assert_eq!(ends, vec![4, 6]);
+}
+
+#[test]
+fn holds_and_low_water_track_source_offsets() {
+    let mut feed = Feed::new(spec(0));
+    for s in 0..7 {
+        feed.add(reading("a", s * 1_000, &[("current", 1.0)]));
+    }
+    // Offsets equal steps here. Closed below 6; windows ending 2, 4, 6 emitted.
+    let holds: Vec<_> = feed.windows.iter().map(|w| w.holds.clone()).collect();
+    assert_eq!(holds, vec![vec![(0, 0)], vec![(0, 0)], vec![(0, 2)]]);
+    // The next window [4, 8) still needs steps 4 and up.
+    assert_eq!(feed.assembler.low_water().get(&0), Some(&4));
+}
+
+#[test]
+fn cells_follow_the_slowest_partition_that_feeds_them() {
+    let mut a = Assembler::new(spec(0));
+    let cell: Arc<str> = Arc::from("c");
+    let node: Arc<str> = Arc::from("n");
+    let mut out = Vec::new();
+    let r = |t| reading("n", t, &[("current", 1.0)]);
+    a.add(
+        &cell,
+        &node,
+        &r(0),
+        Provenance {
+            partition: 0,
+            offset: 0,
+        },
+        &mut out,
+    );
+    a.add(
+        &cell,
+        &node,
+        &r(1_000),
+        Provenance {
+            partition: 1,
+            offset: 0,
+        },
+        &mut out,
+    );
+    // Partition 0 races ahead; partition 1 stays at 1 s, so the cell stays at 1 s.
+    for s in 2..10 {
+        a.add(
+            &cell,
+            &node,
+            &r(s * 1_000),
+            Provenance {
+                partition: 0,
+                offset: s,
+            },
+            &mut out,
+        );
+    }
+    assert!(
+        out.iter().all(|w| w.end_ms <= 2_000),
+        "{:?}",
+        out.iter().map(|w| w.end_ms).collect::<Vec<_>>()
+    );
+}
+
+/// Readings of a few steps, each with a distinct value so that windows differ.
+fn arb_readings() -> impl Strategy<Value = Vec<Reading>> {
+    prop::collection::vec((0i64..3, 0i64..30_000, 0.0f64..100.0), 1..120).prop_map(|raw| {
+        raw.into_iter()
+            .map(|(node, t, v)| reading(["a", "b", "c"][node as usize], t, &[("current", v)]))
+            .collect()
+    })
+}
+
+/// Observed entries of windows as `((window end, node, step, channel), value)`, sorted, so that
+/// slot order (which follows first arrival) does not matter.
+fn entries(windows: &[Window]) -> Vec<((i64, String, usize, usize), f32)> {
+    let mut out = Vec::new();
+    for w in windows {
+        let (n, f) = (w.nodes.len(), 2);
+        for (i, (&v, &m)) in w.values.iter().zip(&w.mask).enumerate() {
+            if m > 0.0 {
+                let (t, slot, c) = (i / (n * f), (i / f) % n, i % f);
+                out.push(((w.end_ms, w.nodes[slot].to_string(), t, c), v));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+proptest! {
+    /// Any arrival order whose disorder stays within the allowed lateness yields the same
+    /// windows as time order.
+    #[test]
+    fn order_within_lateness_does_not_change_windows(
+        mut readings in arb_readings(),
+        swaps in prop::collection::vec((0usize..120, 0usize..120), 0..200),
+    ) {
+        const LATENESS: i64 = 3_000;
+        readings.sort_by_key(|r| r.event_time_ms);
+        let mut shuffled = readings.clone();
+        for (i, j) in swaps {
+            let (i, j) = (i % shuffled.len(), j % shuffled.len());
+            // Only swap when it keeps every reading within the lateness of what came before.
+            let mut candidate = shuffled.clone();
+            candidate.swap(i, j);
+            let mut max = i64::MIN;
+            let within = candidate.iter().all(|r| {
+                let ok = r.event_time_ms >= max.saturating_sub(LATENESS - 999);
+                max = max.max(r.event_time_ms);
+                ok
+            });
+            if within {
+                shuffled = candidate;
+            }
+        }
+        let run = |order: &[Reading]| {
+            let mut feed = Feed::new(spec(LATENESS));
+            for r in order {
+                let admitted = matches!(feed.add(r.clone()), Admission::Accepted { .. });
+                prop_assert!(admitted, "refused {:?}", r);
+            }
+            Ok(entries(&feed.windows))
+        };
+        let in_order = run(&readings)?;
+        let out_of_order = run(&shuffled)?;
+        prop_assert_eq!(in_order.len(), out_of_order.len());
+        for (a, b) in in_order.iter().zip(&out_of_order) {
+            prop_assert_eq!(&a.0, &b.0);
+            prop_assert!((a.1 - b.1).abs() < 1e-4, "{:?} vs {:?}", a, b);
+        }
+    }
+}

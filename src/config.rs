@@ -1,0 +1,561 @@
+//! config: one TOML file, compiled-in defaults, environment overrides.
+//!
+//! Invariant: a [`Config`] that [`Config::load`] returns has passed [`Config::validate`]; every
+//! key it read exists in the tree below (unknown keys are errors naming the key and the file),
+//! and every `GRIDWATCH__SECTION__KEY` environment variable has replaced the value of
+//! `section.key` before validation. librdkafka properties pass through `[kafka]` untouched.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::decode::PayloadKind;
+use crate::schema::WireFormat;
+
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "GRIDWATCH__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// librdkafka client properties, passed through untouched to every consumer and producer
+    /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`, …).
+    pub kafka: BTreeMap<String, String>,
+    pub source: SourceConfig,
+    pub registry: RegistryConfig,
+    pub assemble: AssembleConfig,
+    pub model: ModelConfig,
+    pub infer: InferConfig,
+    pub detect: DetectConfig,
+    pub sink: SinkConfig,
+    pub pipeline: PipelineConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            kafka: BTreeMap::from([("bootstrap.servers".to_owned(), "localhost:9092".to_owned())]),
+            source: SourceConfig::default(),
+            registry: RegistryConfig::default(),
+            assemble: AssembleConfig::default(),
+            model: ModelConfig::default(),
+            infer: InferConfig::default(),
+            detect: DetectConfig::default(),
+            sink: SinkConfig::default(),
+            pipeline: PipelineConfig::default(),
+        }
+    }
+}
+
+/// The reading topics and how their payloads are framed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// Consumer group shared by every instance of this job.
+    pub group_id: String,
+    /// Reading topics and what each message holds.
+    pub topics: Vec<TopicConfig>,
+    /// `plain` Avro datums or `confluent` framing (magic byte + schema id).
+    pub wire_format: WireFormat,
+    /// For `plain`: writer schema files when producers use an older `Reading` / `ReadingBatch`
+    /// than the compiled-in one. Empty means the compiled-in schema.
+    pub reading_writer_schema: Option<PathBuf>,
+    pub batch_writer_schema: Option<PathBuf>,
+    /// For `confluent`: schema id → `.avsc` file of every writer schema producers may use.
+    pub schema_ids: BTreeMap<u32, PathBuf>,
+    /// How often the offsets that are safe to commit are stored and committed.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            group_id: "gridwatch".into(),
+            topics: vec![TopicConfig {
+                name: "readings".into(),
+                payload: PayloadKind::Reading,
+            }],
+            wire_format: WireFormat::Plain,
+            reading_writer_schema: None,
+            batch_writer_schema: None,
+            schema_ids: BTreeMap::new(),
+            commit_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Topic name.
+    pub name: String,
+    /// `reading` (one Reading per message) or `batch` (one ReadingBatch per message).
+    #[serde(default)]
+    pub payload: PayloadKind,
+}
+
+/// The compacted spatial-node topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Compacted topic of `SpatialNode` records keyed by node id.
+    pub topic: String,
+    /// H3 resolution (0–15) for nodes placed by coordinates.
+    pub h3_resolution: u8,
+    /// How long start-up waits for the topic to be read to its end.
+    #[serde(with = "humantime_serde")]
+    pub load_timeout: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            topic: "spatial-nodes".into(),
+            h3_resolution: 8,
+            load_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Event-time windowing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssembleConfig {
+    /// How far behind a partition's newest event time a reading may arrive and still count.
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// Windows with a smaller fraction of observed entries are skipped, not scored.
+    pub min_observed_fraction: f64,
+}
+
+impl Default for AssembleConfig {
+    fn default() -> Self {
+        Self {
+            allowed_lateness: Duration::from_secs(2),
+            min_observed_fraction: 0.5,
+        }
+    }
+}
+
+/// Which model to run and where ONNX Runtime lives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Path of the model contract (`.json` next to the `.onnx`).
+    pub contract: PathBuf,
+    /// Path of `libonnxruntime.so`. Empty: `ORT_DYLIB_PATH`, then the `.venv` that
+    /// `scripts/setup.sh` creates.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// `cpu`, or `cuda` (needs the `cuda` cargo feature; falls back to CPU with a warning).
+    pub execution_provider: ExecutionProvider,
+    /// Threads ONNX Runtime may use inside one inference.
+    pub intra_threads: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            contract: PathBuf::from("models/plant-attention-v1.json"),
+            onnxruntime_library: None,
+            execution_provider: ExecutionProvider::Cpu,
+            intra_threads: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutionProvider {
+    Cpu,
+    Cuda,
+}
+
+/// Batching of windows for inference.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferConfig {
+    /// Most windows in one inference call.
+    pub max_batch: usize,
+    /// Longest a ready window waits for others to fill a batch.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for InferConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 64,
+            max_wait: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Scoring and events.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    /// Replaces the model's calibrated threshold when set.
+    pub threshold: Option<f64>,
+    /// Multiplies the threshold (model's or configured); above 1 means fewer, surer events.
+    pub threshold_scale: f64,
+    /// Contributors listed per event.
+    pub top_contributors: usize,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        Self {
+            threshold: None,
+            threshold_scale: 1.0,
+            top_contributors: 3,
+        }
+    }
+}
+
+/// What happens to input that cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BadInputPolicy {
+    /// Publish to the dead-letter topic with reason headers (default).
+    DeadLetter,
+    /// Count and drop.
+    Drop,
+    /// Stop the job with an error, committing nothing past the bad message.
+    Fail,
+}
+
+/// Output topics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// Topic that receives `AnomalyEvent`s keyed by cell id.
+    pub events_topic: String,
+    /// Topic that receives every message or reading that could not be used.
+    pub dead_letter_topic: String,
+    pub bad_input: BadInputPolicy,
+    /// Framing of published events.
+    pub wire_format: WireFormat,
+    /// Schema id written in front of events when `wire_format = "confluent"`.
+    pub event_schema_id: u32,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self {
+            events_topic: "anomalies".into(),
+            dead_letter_topic: "gridwatch-dlq".into(),
+            bad_input: BadInputPolicy::DeadLetter,
+            wire_format: WireFormat::Plain,
+            event_schema_id: 1,
+        }
+    }
+}
+
+/// Wiring between stages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Capacity of each bounded channel between two stages.
+    pub channel_capacity: usize,
+    /// Longest a graceful shutdown may take to drain and commit.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            channel_capacity: 1024,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then `GRIDWATCH__…` variables from `env`; validated.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut tree = toml::Table::try_from(Config::default())
+            .map_err(|e| ConfigError::Invalid(format!("defaults do not serialise: {e}")))?;
+        let origin = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                let file_tree: toml::Table =
+                    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                merge(&mut tree, file_tree);
+                path.display().to_string()
+            }
+            None => "<defaults>".to_owned(),
+        };
+        let mut overridden = Vec::new();
+        for (var, value) in env {
+            let Some(path) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            set_path(&mut tree, &var, path, &value)?;
+            overridden.push(var);
+        }
+        let origin = if overridden.is_empty() {
+            origin
+        } else {
+            format!("{origin} (with {})", overridden.join(", "))
+        };
+        let config: Config =
+            toml::Value::Table(tree)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: origin,
+                    message: e.to_string(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rules that span fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !self.kafka.contains_key("bootstrap.servers") {
+            return invalid("[kafka] needs `bootstrap.servers` (e.g. \"localhost:9092\")".into());
+        }
+        if self.source.topics.is_empty() {
+            return invalid("[source] topics is empty: name at least one reading topic".into());
+        }
+        let outputs = [
+            &self.sink.events_topic,
+            &self.sink.dead_letter_topic,
+            &self.registry.topic,
+        ];
+        for topic in &self.source.topics {
+            if outputs.contains(&&topic.name) {
+                return invalid(format!(
+                    "topic `{}` is both a reading topic and an output or node topic; use distinct topics",
+                    topic.name
+                ));
+            }
+        }
+        if self.sink.events_topic == self.sink.dead_letter_topic {
+            return invalid("[sink] events_topic and dead_letter_topic must differ".into());
+        }
+        if self.source.wire_format == WireFormat::Confluent && self.source.schema_ids.is_empty() {
+            return invalid(
+                "[source] wire_format = \"confluent\" needs [source.schema_ids] mapping each schema id to an .avsc file"
+                    .into(),
+            );
+        }
+        if h3o::Resolution::try_from(self.registry.h3_resolution).is_err() {
+            return invalid(format!(
+                "[registry] h3_resolution = {} is outside 0..=15",
+                self.registry.h3_resolution
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.assemble.min_observed_fraction) {
+            return invalid("[assemble] min_observed_fraction must be within 0..=1".into());
+        }
+        if self.infer.max_batch == 0 {
+            return invalid("[infer] max_batch must be at least 1".into());
+        }
+        if self.detect.threshold_scale <= 0.0 || self.detect.threshold.is_some_and(|t| t <= 0.0) {
+            return invalid("[detect] threshold and threshold_scale must be positive".into());
+        }
+        if self.pipeline.channel_capacity == 0 {
+            return invalid("[pipeline] channel_capacity must be at least 1".into());
+        }
+        for key in ["enable.auto.offset.store", "enable.auto.commit", "group.id"] {
+            if self.kafka.contains_key(key) {
+                return invalid(format!(
+                    "[kafka] must not set `{key}`: gridwatch manages it to keep its delivery guarantee (group id: [source] group_id)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with secrets (`*password*`, `*secret*`, `*key*` values of
+    /// `[kafka]` except file locations) replaced by `"<redacted>"`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        for (key, value) in copy.kafka.iter_mut() {
+            if is_secret(key) {
+                *value = "<redacted>".into();
+            }
+        }
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+/// Whether a librdkafka property holds a secret.
+pub fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    (key.contains("password")
+        || key.contains("secret")
+        || key.ends_with(".key.pem")
+        || key == "sasl.oauthbearer.config")
+        && !key.ends_with(".location")
+}
+
+/// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Sets `path` (`SECTION__KEY`, lower-cased; `kafka` keys keep their dots) in `tree`.
+fn set_path(tree: &mut toml::Table, var: &str, path: &str, value: &str) -> Result<(), ConfigError> {
+    let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    let env_error = |message: String| ConfigError::Env {
+        var: var.to_owned(),
+        message,
+    };
+    let (section, key) = match parts.as_slice() {
+        [section, key] if !section.is_empty() && !key.is_empty() => (section, key),
+        _ => return Err(env_error("expected GRIDWATCH__SECTION__KEY".into())),
+    };
+    // `[kafka]` keys are librdkafka properties: GRIDWATCH__KAFKA__SASL_PASSWORD -> sasl.password.
+    let key = if section == "kafka" {
+        key.replace('_', ".")
+    } else {
+        key.clone()
+    };
+    let table = tree
+        .entry(section.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| env_error(format!("`{section}` is not a table")))?;
+    // Parse as a TOML value when it is one (numbers, booleans, arrays); else take the string.
+    let parsed = if section == "kafka" {
+        toml::Value::String(value.to_owned())
+    } else {
+        toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_owned()))
+    };
+    table.insert(key, parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, []).unwrap();
+        assert_eq!(c.sink.events_topic, "anomalies");
+        assert_eq!(c.assemble.allowed_lateness, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let f = file(
+            "[kafka]\n\"bootstrap.servers\" = \"b:9092\"\n[assemble]\nallowed_lateness = \"5s\"\n[infer]\nmax_batch = 8\n",
+        );
+        let env = [
+            ("GRIDWATCH__INFER__MAX_BATCH".to_owned(), "16".to_owned()),
+            (
+                "GRIDWATCH__KAFKA__SASL_PASSWORD".to_owned(),
+                "hunter2".to_owned(),
+            ),
+            ("OTHER".to_owned(), "x".to_owned()),
+        ];
+        let c = Config::load(Some(f.path()), env).unwrap();
+        assert_eq!(c.kafka["bootstrap.servers"], "b:9092");
+        assert_eq!(c.assemble.allowed_lateness, Duration::from_secs(5));
+        assert_eq!(c.infer.max_batch, 16);
+        assert_eq!(c.kafka["sasl.password"], "hunter2");
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_the_file() {
+        let f = file("[assemble]\nallowed_latenes = \"5s\"\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("allowed_latenes"), "{message}");
+        assert!(
+            message.contains(&f.path().display().to_string()),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn cross_field_rules_say_how_to_fix() {
+        let f = file("[source]\nwire_format = \"confluent\"\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("schema_ids"), "{message}");
+        let f = file("[sink]\nevents_topic = \"readings\"\n");
+        assert!(Config::load(Some(f.path()), []).is_err());
+        let f = file(
+            "[kafka]\n\"bootstrap.servers\" = \"x\"\n\"enable.auto.offset.store\" = \"true\"\n",
+        );
+        assert!(
+            Config::load(Some(f.path()), [])
+                .unwrap_err()
+                .to_string()
+                .contains("enable.auto.offset.store")
+        );
+    }
+
+    #[test]
+    fn printed_config_redacts_secrets() {
+        let env = [
+            (
+                "GRIDWATCH__KAFKA__SASL_PASSWORD".to_owned(),
+                "hunter2".to_owned(),
+            ),
+            (
+                "GRIDWATCH__KAFKA__SSL_KEY_PASSWORD".to_owned(),
+                "s3cret".to_owned(),
+            ),
+            (
+                "GRIDWATCH__KAFKA__SSL_KEY_LOCATION".to_owned(),
+                "/etc/k.pem".to_owned(),
+            ),
+        ];
+        let printed = Config::load(None, env).unwrap().to_redacted_toml();
+        assert!(
+            !printed.contains("hunter2") && !printed.contains("s3cret"),
+            "{printed}"
+        );
+        assert!(printed.contains("/etc/k.pem"));
+        assert!(printed.contains("<redacted>"));
+    }
+}

@@ -1,0 +1,290 @@
+//! decode: Kafka payloads → validated readings.
+//!
+//! Invariant: a payload either decodes whole (every reading of a batch is returned, valid or
+//! not, in payload order) or fails with a [`DecodeError`]; a reading is usable only after
+//! [`validate`] accepts it. Nothing here panics on any input bytes, and nothing is dropped
+//! silently: every error maps to a [`DeadLetterReason`] the caller counts and routes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::schema::{
+    Codec, CodecError, DeadLetterReason, Reading, RecordKind, SchemaIds, ShapeError, WireFormat,
+    records,
+};
+
+/// What one message of a reading topic holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadKind {
+    /// One `Reading` per message.
+    #[default]
+    Reading,
+    /// One `ReadingBatch` per message.
+    Batch,
+}
+
+/// A payload that could not be decoded. Final: retrying the same bytes gives the same error.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message has no payload")]
+    NoPayload,
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("decoded value has the wrong shape: {0}")]
+    Shape(#[from] ShapeError),
+}
+
+impl DecodeError {
+    pub fn reason(&self) -> DeadLetterReason {
+        DeadLetterReason::Undecodable
+    }
+}
+
+/// A decoded reading that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidReading {
+    #[error("empty node id")]
+    EmptyNodeId,
+    #[error("no channel values")]
+    NoValues,
+    #[error("channel `{channel}` has non-finite value {value}")]
+    NonFinite { channel: String, value: f64 },
+}
+
+impl InvalidReading {
+    pub fn reason(&self) -> DeadLetterReason {
+        DeadLetterReason::InvalidValue
+    }
+}
+
+/// Turns payloads of the reading topics into readings.
+#[derive(Debug)]
+pub struct Decoder {
+    reading: Codec,
+    batch: Codec,
+}
+
+impl Decoder {
+    /// A decoder for `format`; for plain datums, optional writer schemas that differ from the
+    /// compiled-in ones (older producers), and for Confluent framing the schema ids to resolve.
+    pub fn new(
+        format: WireFormat,
+        reading_writer: Option<apache_avro::Schema>,
+        batch_writer: Option<apache_avro::Schema>,
+        ids: SchemaIds,
+    ) -> Self {
+        let mut reading = Codec::new(RecordKind::Reading, format).with_schema_ids(ids.clone());
+        if let Some(schema) = reading_writer {
+            reading = reading.with_plain_writer(schema);
+        }
+        let mut batch = Codec::new(RecordKind::ReadingBatch, format).with_schema_ids(ids);
+        if let Some(schema) = batch_writer {
+            batch = batch.with_plain_writer(schema);
+        }
+        Self { reading, batch }
+    }
+
+    /// Decodes one message payload of a topic carrying `kind`.
+    pub fn decode(
+        &self,
+        kind: PayloadKind,
+        payload: Option<&[u8]>,
+    ) -> Result<Vec<Reading>, DecodeError> {
+        let payload = payload.ok_or(DecodeError::NoPayload)?;
+        match kind {
+            PayloadKind::Reading => {
+                let value = self.reading.decode(payload)?;
+                Ok(vec![Reading::from_value(&value)?])
+            }
+            PayloadKind::Batch => {
+                let value = self.batch.decode(payload)?;
+                Ok(records::batch_from_value(&value)?)
+            }
+        }
+    }
+}
+
+/// Checks what the schema cannot: a node id, at least one value, and only finite values.
+pub fn validate(reading: &Reading) -> Result<(), InvalidReading> {
+    if reading.node_id.is_empty() {
+        return Err(InvalidReading::EmptyNodeId);
+    }
+    if reading.values.is_empty() {
+        return Err(InvalidReading::NoValues);
+    }
+    if let Some((channel, value)) = reading.values.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(InvalidReading::NonFinite {
+            channel: channel.clone(),
+            value: *value,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{frame_confluent, write_datum};
+    use apache_avro::Schema;
+
+    fn reading(node: &str, t: i64, values: &[(&str, f64)]) -> Reading {
+        Reading {
+            node_id: node.into(),
+            event_time_ms: t,
+            values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            sequence: Some(3),
+        }
+    }
+
+    fn plain() -> Decoder {
+        Decoder::new(WireFormat::Plain, None, None, SchemaIds::default())
+    }
+
+    #[test]
+    fn reading_round_trips_plain() {
+        let r = reading("n1", 1_000, &[("pressure", 4.5), ("temperature", 61.0)]);
+        let bytes = write_datum(RecordKind::Reading.schema(), &r.to_value()).unwrap();
+        assert_eq!(
+            plain().decode(PayloadKind::Reading, Some(&bytes)).unwrap(),
+            vec![r]
+        );
+    }
+
+    #[test]
+    fn batch_round_trips_and_keeps_order() {
+        let batch = vec![
+            reading("b", 2_000, &[("current", 20.0)]),
+            reading("a", 1_000, &[("current", f64::NAN)]),
+        ];
+        let bytes = write_datum(
+            RecordKind::ReadingBatch.schema(),
+            &records::batch_to_value(&batch),
+        )
+        .unwrap();
+        let decoded = plain().decode(PayloadKind::Batch, Some(&bytes)).unwrap();
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(decoded[0], batch[0]);
+        // The invalid reading is returned so the caller can dead-letter it alone.
+        assert!(matches!(
+            validate(&decoded[1]),
+            Err(InvalidReading::NonFinite { .. })
+        ));
+    }
+
+    #[test]
+    fn older_writer_schema_resolves_into_current_reader() {
+        // Version 0 of Reading had no `sequence` field.
+        let v0 = Schema::parse_str(
+            r#"{"type":"record","name":"Reading","namespace":"io.gridwatch","fields":[
+                {"name":"node_id","type":"string"},
+                {"name":"event_time","type":{"type":"long","logicalType":"timestamp-millis"}},
+                {"name":"values","type":{"type":"map","values":"double"}}]}"#,
+        )
+        .unwrap();
+        let value = apache_avro::types::Value::Record(vec![
+            (
+                "node_id".into(),
+                apache_avro::types::Value::String("n7".into()),
+            ),
+            (
+                "event_time".into(),
+                apache_avro::types::Value::TimestampMillis(42),
+            ),
+            (
+                "values".into(),
+                apache_avro::types::Value::Map(
+                    [(
+                        "current".to_string(),
+                        apache_avro::types::Value::Double(1.5),
+                    )]
+                    .into(),
+                ),
+            ),
+        ]);
+        let bytes = write_datum(&v0, &value).unwrap();
+        // Plain: the writer schema is configured.
+        let decoder = Decoder::new(
+            WireFormat::Plain,
+            Some(v0.clone()),
+            None,
+            SchemaIds::default(),
+        );
+        let decoded = decoder.decode(PayloadKind::Reading, Some(&bytes)).unwrap();
+        assert_eq!(
+            decoded,
+            vec![Reading {
+                node_id: "n7".into(),
+                event_time_ms: 42,
+                values: vec![("current".into(), 1.5)],
+                sequence: None
+            }]
+        );
+        // Confluent: the writer schema is found by id.
+        let mut ids = SchemaIds::default();
+        ids.insert(11, v0);
+        let decoder = Decoder::new(WireFormat::Confluent, None, None, ids);
+        let framed = frame_confluent(11, &bytes);
+        assert_eq!(
+            decoder.decode(PayloadKind::Reading, Some(&framed)).unwrap(),
+            decoded
+        );
+        assert_eq!(
+            decoder.decode(PayloadKind::Reading, Some(&frame_confluent(12, &bytes))),
+            Err(DecodeError::Codec(CodecError::UnknownSchemaId(12)))
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let decoder = plain();
+        let confluent = Decoder::new(WireFormat::Confluent, None, None, SchemaIds::default());
+        let cases: [&[u8]; 6] = [
+            b"",
+            &[0x02],
+            &[0xff; 3],
+            &[0x02, b'a'],             // string then end of input
+            &[0x7f, 0xff, 0xff, 0xff], // absurd length prefix
+            b"{\"node_id\": \"json is not avro\"}",
+        ];
+        for payload in cases {
+            for kind in [PayloadKind::Reading, PayloadKind::Batch] {
+                assert!(decoder.decode(kind, Some(payload)).is_err(), "{payload:?}");
+                assert!(
+                    confluent.decode(kind, Some(payload)).is_err(),
+                    "{payload:?}"
+                );
+            }
+        }
+        assert_eq!(
+            decoder.decode(PayloadKind::Reading, None),
+            Err(DecodeError::NoPayload)
+        );
+        // A lone zero byte is a valid, empty batch: nothing to use, nothing lost.
+        assert_eq!(decoder.decode(PayloadKind::Batch, Some(&[0])), Ok(vec![]));
+    }
+
+    #[test]
+    fn trailing_bytes_mean_a_schema_mismatch() {
+        let r = reading("n1", 1, &[("current", 1.0)]);
+        let mut bytes = write_datum(RecordKind::Reading.schema(), &r.to_value()).unwrap();
+        bytes.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(
+            plain().decode(PayloadKind::Reading, Some(&bytes)),
+            Err(DecodeError::Codec(CodecError::TrailingBytes(3)))
+        );
+    }
+
+    #[test]
+    fn validation_rejects_empty_and_non_finite() {
+        assert_eq!(
+            validate(&reading("", 1, &[("a", 1.0)])),
+            Err(InvalidReading::EmptyNodeId)
+        );
+        assert_eq!(
+            validate(&reading("n", 1, &[])),
+            Err(InvalidReading::NoValues)
+        );
+        assert!(validate(&reading("n", 1, &[("a", f64::INFINITY)])).is_err());
+        assert!(validate(&reading("n", 1, &[("a", -3.0)])).is_ok());
+    }
+}

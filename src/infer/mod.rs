@@ -1,0 +1,323 @@
+//! infer: windows → model reconstructions, through ONNX Runtime.
+//!
+//! Invariants:
+//! - A model is used only after its contract checked out against itself, against the hash of its
+//!   `.onnx` file, and against the input/output names the ONNX Runtime session reports.
+//! - Windows of different node counts share a batch by padding the node axis; padded nodes have
+//!   `node_mask = 0` and zero mask, and their outputs are discarded. Every window that enters
+//!   [`run_batches`] comes out exactly once, with its reconstruction, in arrival order.
+//! - One worker owns the session (`Session::run` takes `&mut self`); inference runs on the
+//!   blocking pool, never on an async worker thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ort::session::Session;
+use ort::value::TensorRef;
+use tokio::sync::mpsc;
+
+use crate::assemble::Window;
+use crate::config::{ExecutionProvider, ModelConfig};
+
+pub mod contract;
+
+pub use contract::ModelContract;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error("ONNX Runtime library not found: {0}")]
+    RuntimeMissing(String),
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+    #[error("model contract {path}: {message}")]
+    Contract { path: String, message: String },
+}
+
+impl InferError {
+    /// Runtime errors of a single batch may pass; missing libraries and broken contracts do not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, InferError::Runtime(_))
+    }
+}
+
+fn runtime_error(e: impl std::fmt::Display) -> InferError {
+    InferError::Runtime(e.to_string())
+}
+
+/// Where `libonnxruntime.so` is looked for when configuration names none: `ORT_DYLIB_PATH`,
+/// then `.venv/lib/python3*/site-packages/onnxruntime/capi/` under the working directory and
+/// the executable's ancestors (where `scripts/setup.sh` installs the PyPI wheel).
+pub fn find_runtime_library(configured: Option<&Path>) -> Result<PathBuf, InferError> {
+    if let Some(path) = configured {
+        return Ok(path.to_owned());
+    }
+    if let Ok(path) = std::env::var("ORT_DYLIB_PATH") {
+        return Ok(PathBuf::from(path));
+    }
+    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    for root in roots {
+        let lib = root.join(".venv/lib");
+        let Ok(pythons) = std::fs::read_dir(&lib) else {
+            continue;
+        };
+        for python in pythons.flatten() {
+            let capi = python.path().join("site-packages/onnxruntime/capi");
+            let Ok(files) = std::fs::read_dir(&capi) else {
+                continue;
+            };
+            let mut candidates: Vec<PathBuf> = files
+                .flatten()
+                .map(|f| f.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+                })
+                .collect();
+            // Prefer the fully versioned file name.
+            candidates.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+            if let Some(found) = candidates.into_iter().next() {
+                return Ok(found);
+            }
+        }
+    }
+    Err(InferError::RuntimeMissing(
+        "set [model] onnxruntime_library or ORT_DYLIB_PATH, or run scripts/setup.sh to install it into .venv".into(),
+    ))
+}
+
+/// Loads ONNX Runtime once per process.
+pub fn environment(
+    library: Option<&Path>,
+) -> Result<&'static ort::environment::Environment, InferError> {
+    static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+    let result = ENV.get_or_init(|| {
+        let path = find_runtime_library(library).map_err(|e| e.to_string())?;
+        tracing::info!(library = %path.display(), "Loading ONNX Runtime.");
+        ort::init_from(&path)
+            .map_err(|e| format!("cannot load {}: {e}", path.display()))?
+            .with_name("gridwatch")
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    result
+        .as_ref()
+        .map_err(|e| InferError::RuntimeMissing(e.clone()))
+}
+
+/// A loaded model: its contract and the session that runs it.
+pub struct Model {
+    pub contract: ModelContract,
+    pub onnx_path: PathBuf,
+    /// `cpu` or `cuda`: the execution provider actually in use.
+    pub provider: &'static str,
+    session: Session,
+}
+
+impl Model {
+    /// Loads and checks the model a contract describes.
+    pub fn load(contract_path: &Path, config: &ModelConfig) -> Result<Self, InferError> {
+        let (contract, onnx_path) = ModelContract::load(contract_path)?;
+        let env = environment(config.onnxruntime_library.as_deref())?;
+        let mut builder = Session::builder(env)
+            .map_err(runtime_error)?
+            .with_intra_threads(config.intra_threads.max(1))
+            .map_err(runtime_error)?;
+        let provider = register_provider(&mut builder, config.execution_provider);
+        let session = builder
+            .commit_from_file(&onnx_path)
+            .map_err(runtime_error)?;
+        let model = Self {
+            contract,
+            onnx_path,
+            provider,
+            session,
+        };
+        model
+            .check_session()
+            .map_err(|message| InferError::Contract {
+                path: contract_path.display().to_string(),
+                message,
+            })?;
+        Ok(model)
+    }
+
+    /// The session's inputs and outputs are the contract's, by name and rank.
+    fn check_session(&self) -> Result<(), String> {
+        let describe = |outlets: &[ort::value::Outlet]| {
+            outlets
+                .iter()
+                .map(|o| {
+                    let rank = o.dtype().tensor_shape().map_or(0, |s| s.len());
+                    (o.name().to_owned(), rank)
+                })
+                .collect::<Vec<_>>()
+        };
+        let expect = |specs: &[contract::TensorSpec]| {
+            specs
+                .iter()
+                .map(|s| (s.name.clone(), s.shape.len()))
+                .collect::<Vec<_>>()
+        };
+        let (inputs, outputs) = (
+            describe(self.session.inputs()),
+            describe(self.session.outputs()),
+        );
+        if inputs != expect(&self.contract.inputs) || outputs != expect(&self.contract.outputs) {
+            return Err(format!(
+                "the ONNX file has inputs {inputs:?} and outputs {outputs:?}; the contract says {:?} and {:?}",
+                expect(&self.contract.inputs),
+                expect(&self.contract.outputs)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs one batch: pads the node axis to the largest window, returns each window's
+    /// `[T × N × F]` reconstruction (padding removed), in input order.
+    pub fn run(&mut self, windows: &[Window]) -> Result<Vec<Vec<f32>>, InferError> {
+        if windows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let t = self.contract.window_steps;
+        let f = self.contract.channels.len();
+        let b = windows.len();
+        let n_max = windows
+            .iter()
+            .map(Window::node_count)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut values = vec![0.0f32; b * t * n_max * f];
+        let mut mask = vec![0.0f32; b * t * n_max * f];
+        let mut node_mask = vec![0.0f32; b * n_max];
+        for (wi, w) in windows.iter().enumerate() {
+            let n = w.node_count();
+            debug_assert_eq!(w.values.len(), t * n * f);
+            for ti in 0..t {
+                let src = ti * n * f..(ti + 1) * n * f;
+                let dst = (wi * t + ti) * n_max * f;
+                values[dst..dst + n * f].copy_from_slice(&w.values[src.clone()]);
+                mask[dst..dst + n * f].copy_from_slice(&w.mask[src]);
+            }
+            node_mask[wi * n_max..wi * n_max + n].fill(1.0);
+        }
+        let shape4 = [b, t, n_max, f];
+        let inputs = ort::inputs![
+            "values" => TensorRef::from_array_view((shape4, values.as_slice())).map_err(runtime_error)?,
+            "mask" => TensorRef::from_array_view((shape4, mask.as_slice())).map_err(runtime_error)?,
+            "node_mask" => TensorRef::from_array_view(([b, n_max], node_mask.as_slice())).map_err(runtime_error)?,
+        ];
+        let outputs = self.session.run(inputs).map_err(runtime_error)?;
+        let (shape, data) = outputs[contract::OUTPUT_NAME]
+            .try_extract_tensor::<f32>()
+            .map_err(runtime_error)?;
+        let dims: Vec<i64> = shape.iter().copied().collect();
+        if dims != [b as i64, t as i64, n_max as i64, f as i64] {
+            return Err(InferError::Runtime(format!(
+                "output shape {dims:?}, expected [{b}, {t}, {n_max}, {f}]"
+            )));
+        }
+        Ok(windows
+            .iter()
+            .enumerate()
+            .map(|(wi, w)| {
+                let n = w.node_count();
+                let mut out = Vec::with_capacity(t * n * f);
+                for ti in 0..t {
+                    let src = (wi * t + ti) * n_max * f;
+                    out.extend_from_slice(&data[src..src + n * f]);
+                }
+                out
+            })
+            .collect())
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn register_provider(
+    builder: &mut ort::session::builder::SessionBuilder,
+    wanted: ExecutionProvider,
+) -> &'static str {
+    use ort::ep::ExecutionProvider as _;
+    if wanted != ExecutionProvider::Cuda {
+        return "cpu";
+    }
+    match ort::ep::CUDA::default().register(builder) {
+        Ok(()) => "cuda",
+        Err(error) => {
+            tracing::warn!(%error, "CUDA execution provider is not usable; running on CPU.");
+            "cpu"
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn register_provider(
+    _builder: &mut ort::session::builder::SessionBuilder,
+    wanted: ExecutionProvider,
+) -> &'static str {
+    if wanted == ExecutionProvider::Cuda {
+        tracing::warn!(
+            "execution_provider = \"cuda\" but gridwatch was built without the `cuda` feature; running on CPU."
+        );
+    }
+    "cpu"
+}
+
+/// One window and what the model made of it.
+pub struct Inferred {
+    pub window: Window,
+    pub reconstruction: Vec<f32>,
+}
+
+/// Batches windows from `input` (up to `max_batch`, waiting at most `max_wait` for a batch to
+/// fill), runs each batch on the blocking pool, and sends every window with its reconstruction
+/// to `output`. Returns the model when `input` closes and every window has been sent.
+pub async fn run_batches(
+    mut model: Model,
+    mut input: mpsc::Receiver<Window>,
+    output: mpsc::Sender<Vec<Inferred>>,
+    max_batch: usize,
+    max_wait: Duration,
+    on_batch: impl Fn(usize, f64) + Send + 'static,
+) -> Result<Model, InferError> {
+    loop {
+        let Some(first) = input.recv().await else {
+            return Ok(model);
+        };
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + max_wait;
+        while batch.len() < max_batch {
+            match tokio::time::timeout_at(deadline, input.recv()).await {
+                Ok(Some(window)) => batch.push(window),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let (returned, batch, result, seconds) = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let result = model.run(&batch);
+            (model, batch, result, started.elapsed().as_secs_f64())
+        })
+        .await
+        .map_err(|e| InferError::Runtime(format!("inference worker panicked: {e}")))?;
+        model = returned;
+        let reconstructions = result?;
+        on_batch(batch.len(), seconds);
+        let inferred = batch
+            .into_iter()
+            .zip(reconstructions)
+            .map(|(window, reconstruction)| Inferred {
+                window,
+                reconstruction,
+            })
+            .collect();
+        if output.send(inferred).await.is_err() {
+            return Ok(model);
+        }
+    }
+}

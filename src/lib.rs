@@ -1,0 +1,33 @@
+//! gridwatch finds anomalies in multi-sensor telemetry as it flows through Kafka.
+//!
+//! # Layout
+//! Follow a reading from Kafka to an anomaly event by opening the stage modules in order:
+//!
+//! - [`source`]: the group consumer of the reading topics and the offset-commit invariant.
+//! - [`decode`]: Kafka payloads (plain Avro or Confluent framing) → validated readings.
+//! - [`registry`]: the compacted spatial-node topic → node → cell (explicit or H3).
+//! - [`assemble`]: event-time buckets, watermarks, late data → per-cell windows with masks.
+//! - [`infer`]: the model contract, ONNX Runtime sessions, batching and padding.
+//! - [`detect`]: scores, thresholds, severity, contributors, deterministic event ids.
+//! - [`sink`]: anomaly events and dead letters → Kafka, acknowledged.
+//! - [`pipeline`]: wires the stages with bounded channels; drains and commits on shutdown.
+//!
+//! At the edges: [`schema`] (Avro schemas and wire framing), [`config`] (TOML + environment),
+//! [`telemetry`] (logging and counters), [`cli`] (the command line), and the demo plant:
+//! [`simulate`] (the plant simulator as a producer) and [`demo`] (everything on an in-process
+//! mock cluster).
+
+pub mod assemble;
+pub mod cli;
+pub mod config;
+pub mod decode;
+pub mod demo;
+pub mod detect;
+pub mod infer;
+pub mod pipeline;
+pub mod registry;
+pub mod schema;
+pub mod simulate;
+pub mod sink;
+pub mod source;
+pub mod telemetry;

@@ -1,0 +1,587 @@
+//! pipeline: wires source → decode → registry → assemble → infer → detect → sink.
+//!
+//! ```text
+//!  consumer ──► ingest loop ──windows──► infer (batches, blocking pool) ──► detect + publish
+//!  (group)      decode, registry,  │                                          │ acks release
+//!               assemble           └──dead letters──► dead-letter publisher ──┤ holds in the
+//!                 ▲                                                           ▼ offset ledger
+//!                 └──────────── store/commit what the ledger allows ◄─────────┘
+//! ```
+//!
+//! Every arrow is a bounded channel, so a slow stage slows the consumer instead of growing
+//! memory. Cancellation reaches only the ingest loop: it stops consuming and closes its output
+//! channels; each later stage drains what it has and ends when its input closes; then the final
+//! offsets are committed. See `source` for the commit invariant this wiring upholds.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
+use crate::config::{BadInputPolicy, Config};
+use crate::decode::{self, Decoder, PayloadKind};
+use crate::detect::Detector;
+use crate::infer::{self, Inferred, Model};
+use crate::registry::Registry;
+use crate::schema::{self, DeadLetterReason, RecordKind, SchemaIds};
+use crate::sink::{DeadLetter, Sink};
+use crate::source::{self, OffsetLedger};
+use crate::telemetry::{self, Stats};
+
+/// Most publishes awaiting acknowledgement at once, per publisher.
+const MAX_IN_FLIGHT: usize = 512;
+
+/// librdkafka client configuration from `[kafka]`.
+pub fn client_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.kafka {
+        client.set(key, value);
+    }
+    client
+}
+
+/// Dense ids for (topic, partition) pairs, so that per-partition state is keyed by one integer.
+#[derive(Debug, Default)]
+struct SourcePartitions {
+    ids: HashMap<String, HashMap<i32, i32>>,
+    pairs: Vec<(String, i32)>,
+}
+
+impl SourcePartitions {
+    fn id(&mut self, topic: &str, partition: i32) -> i32 {
+        if let Some(id) = self.ids.get(topic).and_then(|p| p.get(&partition)) {
+            return *id;
+        }
+        let id = self.pairs.len() as i32;
+        self.pairs.push((topic.to_owned(), partition));
+        self.ids
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(partition, id);
+        id
+    }
+
+    fn pair(&self, id: i32) -> &(String, i32) {
+        &self.pairs[id as usize]
+    }
+}
+
+/// What a finished run committed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RunReport {
+    /// Final committed offset per (topic, partition).
+    pub committed: Vec<(String, i32, i64)>,
+}
+
+/// A model and what configuration derives from it: the window shape and the detector.
+pub struct Loaded {
+    pub model: Model,
+    pub spec: AssembleSpec,
+    pub detector: Detector,
+}
+
+/// Loads the configured model and derives the assembler's spec and the detector from it.
+pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
+    let model = Model::load(&config.model.contract, &config.model)?;
+    let contract = &model.contract;
+    let spec = AssembleSpec {
+        cadence_ms: contract.cadence_ms,
+        window_steps: contract.window_steps,
+        hop_steps: contract.scored_steps,
+        channels: contract.channels.iter().map(|c| c.name.clone()).collect(),
+        normalisation: contract.channels.iter().map(|c| (c.mean, c.std)).collect(),
+        allowed_lateness_ms: config.assemble.allowed_lateness.as_millis() as i64,
+        max_nodes: contract.max_nodes,
+        min_observed_fraction: config.assemble.min_observed_fraction,
+    };
+    let detector = Detector::new(contract, &config.detect);
+    Ok(Loaded {
+        model,
+        spec,
+        detector,
+    })
+}
+
+/// Builds the reading decoder from `[source]`.
+pub fn decoder(config: &Config) -> anyhow::Result<Decoder> {
+    let load = |p: &Option<std::path::PathBuf>| -> anyhow::Result<Option<apache_avro::Schema>> {
+        Ok(match p {
+            Some(path) => Some(schema::load_schema_file(path)?),
+            None => None,
+        })
+    };
+    Ok(Decoder::new(
+        config.source.wire_format,
+        load(&config.source.reading_writer_schema)?,
+        load(&config.source.batch_writer_schema)?,
+        SchemaIds::load(&config.source.schema_ids)?,
+    ))
+}
+
+/// Runs the job until `cancel` fires, then drains and commits.
+pub async fn run(
+    config: &Config,
+    loaded: Loaded,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+) -> anyhow::Result<RunReport> {
+    let client = client_config(config);
+    let resolution = h3o::Resolution::try_from(config.registry.h3_resolution)?;
+    let registry = Arc::new(Registry::new(resolution, config.source.wire_format));
+    let registry_task = tokio::spawn(Arc::clone(&registry).follow(
+        client.clone(),
+        config.registry.topic.clone(),
+        cancel.child_token(),
+    ));
+    let deadline = tokio::time::Instant::now() + config.registry.load_timeout;
+    while !registry.is_loaded() {
+        if registry_task.is_finished() {
+            registry_task.await??;
+            anyhow::bail!("the spatial-node reader stopped before the registry was loaded");
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the spatial-node topic `{}` was not read to its end within {:?} ([registry] load_timeout)",
+                config.registry.topic,
+                config.registry.load_timeout
+            );
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(RunReport::default()),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    tracing::info!(nodes = registry.len(), "Registry ready.");
+
+    let consumer = source::consumer(
+        client.clone(),
+        &config.source.group_id,
+        config.source.commit_interval.as_millis() as u64,
+    )?;
+    let topics: Vec<&str> = config
+        .source
+        .topics
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    consumer.subscribe(&topics)?;
+    let kinds: HashMap<String, PayloadKind> = config
+        .source
+        .topics
+        .iter()
+        .map(|t| (t.name.clone(), t.payload))
+        .collect();
+
+    let sink = Arc::new(Sink::new(client.clone(), &config.sink)?);
+    let ledger = Arc::new(Mutex::new(OffsetLedger::default()));
+    let capacity = config.pipeline.channel_capacity;
+    let (windows_tx, windows_rx) = mpsc::channel::<Window>(capacity);
+    let (inferred_tx, inferred_rx) = mpsc::channel::<Vec<Inferred>>(capacity.div_ceil(8).max(2));
+    let (letters_tx, letters_rx) = mpsc::channel::<PendingLetter>(capacity);
+    let failed = CancellationToken::new();
+
+    let infer_stats = Arc::clone(&stats);
+    let infer_task = tokio::spawn(infer::run_batches(
+        loaded.model,
+        windows_rx,
+        inferred_tx,
+        config.infer.max_batch,
+        config.infer.max_wait,
+        move |n, seconds| telemetry::batch_inferred(&infer_stats, n, seconds),
+    ));
+    let publish_task = tokio::spawn(publish_events(
+        inferred_rx,
+        loaded.detector,
+        Arc::clone(&sink),
+        Arc::clone(&ledger),
+        Arc::clone(&stats),
+        failed.clone(),
+    ));
+    let letters_task = tokio::spawn(publish_dead_letters(
+        letters_rx,
+        Arc::clone(&sink),
+        Arc::clone(&ledger),
+        failed.clone(),
+    ));
+
+    let mut ingest = Ingest {
+        decoder: decoder(config)?,
+        registry: Arc::clone(&registry),
+        assembler: Assembler::new(loaded.spec),
+        partitions: SourcePartitions::default(),
+        ledger: Arc::clone(&ledger),
+        stats: Arc::clone(&stats),
+        policy: config.sink.bad_input,
+        windows: windows_tx,
+        letters: letters_tx,
+        kinds,
+        scratch: Vec::new(),
+    };
+    let ingest_result = ingest
+        .run(&consumer, config.source.commit_interval, &cancel, &failed)
+        .await;
+
+    // Drain: closing the channels lets each later stage finish what it holds, in order.
+    let Ingest {
+        assembler,
+        partitions,
+        windows,
+        letters,
+        ..
+    } = ingest;
+    drop(windows);
+    drop(letters);
+    let drain = async {
+        let infer_result = infer_task.await?;
+        let publish_result = publish_task.await?;
+        let letters_result = letters_task.await?;
+        infer_result?;
+        publish_result?;
+        letters_result?;
+        anyhow::Ok(())
+    };
+    let drained = match tokio::time::timeout(config.pipeline.shutdown_timeout, drain).await {
+        Ok(result) => result,
+        Err(_) => Err(anyhow::anyhow!(
+            "shutdown did not drain within {:?} ([pipeline] shutdown_timeout); committed only what was complete",
+            config.pipeline.shutdown_timeout
+        )),
+    };
+    // Whatever happened, the ledger only allows offsets whose effects are durable.
+    let report = commit(&consumer, &ledger, &assembler, &partitions, &stats, true);
+    registry_task.abort();
+    consumer.unsubscribe();
+    ingest_result?;
+    drained?;
+    Ok(report?)
+}
+
+/// Stores (and with `sync`, commits) the offsets the ledger allows.
+fn commit(
+    consumer: &StreamConsumer,
+    ledger: &Mutex<OffsetLedger>,
+    assembler: &Assembler,
+    partitions: &SourcePartitions,
+    stats: &Stats,
+    sync: bool,
+) -> anyhow::Result<RunReport> {
+    let low_water = assembler.low_water();
+    let committable = ledger.lock().expect("ledger lock").committable(&low_water);
+    if committable.is_empty() {
+        return Ok(RunReport::default());
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut report = RunReport::default();
+    for (id, offset) in committable {
+        let (topic, partition) = partitions.pair(id);
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(offset))?;
+        report.committed.push((topic.clone(), *partition, offset));
+    }
+    if sync {
+        consumer.commit(&tpl, CommitMode::Sync)?;
+    } else if let Err(error) = consumer.store_offsets(&tpl) {
+        // A partition revoked a moment ago cannot be stored; the next owner resumes from the
+        // last commit, which is never past what this instance finished.
+        tracing::debug!(%error, "Could not store offsets.");
+    }
+    telemetry::offsets_stored(stats, report.committed.len());
+    Ok(report)
+}
+
+/// The consuming half: everything up to and including window assembly runs here, in order.
+struct Ingest {
+    decoder: Decoder,
+    registry: Arc<Registry>,
+    assembler: Assembler,
+    partitions: SourcePartitions,
+    ledger: Arc<Mutex<OffsetLedger>>,
+    stats: Arc<Stats>,
+    policy: BadInputPolicy,
+    windows: mpsc::Sender<Window>,
+    letters: mpsc::Sender<PendingLetter>,
+    kinds: HashMap<String, PayloadKind>,
+    scratch: Vec<Window>,
+}
+
+impl Ingest {
+    async fn run(
+        &mut self,
+        consumer: &StreamConsumer,
+        commit_interval: Duration,
+        cancel: &CancellationToken,
+        failed: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut ticker = tokio::time::interval(commit_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(()),
+                _ = failed.cancelled() => anyhow::bail!("a later stage failed; stopped consuming"),
+                _ = ticker.tick() => {
+                    commit(consumer, &self.ledger, &self.assembler, &self.partitions, &self.stats, false)?;
+                }
+                message = consumer.recv() => match message {
+                    Ok(message) => self.handle(&message).await?,
+                    Err(error) => tracing::warn!(%error, "Consumer error."),
+                },
+            }
+        }
+    }
+
+    async fn handle(&mut self, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
+        let topic = message.topic();
+        let (partition, offset) = (message.partition(), message.offset());
+        let id = self.partitions.id(topic, partition);
+        self.ledger
+            .lock()
+            .expect("ledger lock")
+            .consumed(id, offset);
+        let kind = self.kinds.get(topic).copied().unwrap_or_default();
+        let readings = match self.decoder.decode(kind, message.payload()) {
+            Ok(readings) => readings,
+            Err(error) => {
+                telemetry::message_consumed(&self.stats, topic, 0);
+                let letter = DeadLetter {
+                    reason: error.reason(),
+                    error: error.to_string(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().map(<[u8]>::to_vec),
+                    topic: topic.to_owned(),
+                    partition,
+                    offset,
+                    batch_index: None,
+                };
+                return self.reject(id, letter).await;
+            }
+        };
+        telemetry::message_consumed(&self.stats, topic, readings.len());
+        let batch = kind == PayloadKind::Batch;
+        for (index, reading) in readings.iter().enumerate() {
+            let refused = |reason: DeadLetterReason, error: String| DeadLetter {
+                reason,
+                error,
+                key: message.key().map(<[u8]>::to_vec),
+                payload: if batch {
+                    schema::write_datum(RecordKind::Reading.schema(), &reading.to_value()).ok()
+                } else {
+                    message.payload().map(<[u8]>::to_vec)
+                },
+                topic: topic.to_owned(),
+                partition,
+                offset,
+                batch_index: batch.then_some(index),
+            };
+            if let Err(error) = decode::validate(reading) {
+                self.reject(id, refused(error.reason(), error.to_string()))
+                    .await?;
+                continue;
+            }
+            let Some(node) = self.registry.lookup(&reading.node_id) else {
+                let error = format!(
+                    "node `{}` is not on the spatial-node topic",
+                    reading.node_id
+                );
+                self.reject(id, refused(DeadLetterReason::UnknownNode, error))
+                    .await?;
+                continue;
+            };
+            let at = Provenance {
+                partition: id,
+                offset,
+            };
+            let (admission, closed) =
+                self.assembler
+                    .add(&node.cell, &node.node_id, reading, at, &mut self.scratch);
+            match admission {
+                Admission::Accepted { ignored } => {
+                    telemetry::reading_accepted(&self.stats, ignored)
+                }
+                Admission::NoModelChannel => telemetry::reading_without_model_channel(&self.stats),
+                Admission::Late {
+                    step_end_ms,
+                    watermark_ms,
+                } => {
+                    let error = format!(
+                        "event time {} is in a step that closed at {step_end_ms} (cell watermark {watermark_ms})",
+                        reading.event_time_ms
+                    );
+                    self.reject(id, refused(DeadLetterReason::Late, error))
+                        .await?;
+                }
+                Admission::CellFull => {
+                    let error = format!(
+                        "cell `{}` already has the model's maximum of {} nodes",
+                        node.cell,
+                        self.assembler.spec().max_nodes
+                    );
+                    self.reject(id, refused(DeadLetterReason::CellFull, error))
+                        .await?;
+                }
+            }
+            telemetry::windows_closed(&self.stats, closed.emitted, closed.sparse);
+            self.emit().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the windows that just closed to inference, holding their offsets first.
+    async fn emit(&mut self) -> anyhow::Result<()> {
+        if self.scratch.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            for window in &self.scratch {
+                for &(p, o) in &window.holds {
+                    ledger.hold(p, o);
+                }
+            }
+        }
+        for window in self.scratch.drain(..) {
+            self.windows
+                .send(window)
+                .await
+                .map_err(|_| anyhow::anyhow!("the inference stage stopped"))?;
+        }
+        Ok(())
+    }
+
+    /// Applies the bad-input policy to one refused message or reading.
+    async fn reject(&mut self, id: i32, letter: DeadLetter) -> anyhow::Result<()> {
+        let dead_letter = self.policy == BadInputPolicy::DeadLetter;
+        telemetry::reading_rejected(
+            &self.stats,
+            letter.reason,
+            &letter.topic,
+            letter.partition,
+            letter.offset,
+            &letter.error,
+            dead_letter,
+        );
+        match self.policy {
+            BadInputPolicy::Drop => Ok(()),
+            BadInputPolicy::Fail => anyhow::bail!(
+                "bad input on {}[{}] at offset {} ({}): {}; [sink] bad_input = \"fail\"",
+                letter.topic,
+                letter.partition,
+                letter.offset,
+                letter.reason.as_str(),
+                letter.error
+            ),
+            BadInputPolicy::DeadLetter => {
+                self.ledger
+                    .lock()
+                    .expect("ledger lock")
+                    .hold(id, letter.offset);
+                self.letters
+                    .send(PendingLetter { id, letter })
+                    .await
+                    .map_err(|_| anyhow::anyhow!("the dead-letter publisher stopped"))
+            }
+        }
+    }
+}
+
+/// A dead letter with the ledger id of its source partition.
+struct PendingLetter {
+    id: i32,
+    letter: DeadLetter,
+}
+
+/// Scores inferred windows, publishes events, and releases each window's holds once its event
+/// is acknowledged (or at once when it has none).
+async fn publish_events(
+    mut input: mpsc::Receiver<Vec<Inferred>>,
+    detector: Detector,
+    sink: Arc<Sink>,
+    ledger: Arc<Mutex<OffsetLedger>>,
+    stats: Arc<Stats>,
+    failed: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut in_flight = FuturesUnordered::new();
+    let release = |holds: &[(i32, i64)]| {
+        let mut ledger = ledger.lock().expect("ledger lock");
+        for &(p, o) in holds {
+            ledger.release(p, o);
+        }
+    };
+    loop {
+        tokio::select! {
+            batch = input.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let Some(batch) = batch else { break };
+                for Inferred { window, reconstruction } in batch {
+                    let (_, event) = detector.detect(&window, &reconstruction);
+                    match event {
+                        None => release(&window.holds),
+                        Some(event) => {
+                            let sink = Arc::clone(&sink);
+                            in_flight.push(async move {
+                                let result = sink.publish_event(&event).await;
+                                (window.holds, event.severity, result)
+                            });
+                        }
+                    }
+                }
+            }
+            Some((holds, severity, result)) = in_flight.next() => {
+                if let Err(error) = result {
+                    failed.cancel();
+                    return Err(error.into());
+                }
+                telemetry::event_published(&stats, severity);
+                release(&holds);
+            }
+        }
+    }
+    while let Some((holds, severity, result)) = in_flight.next().await {
+        if let Err(error) = result {
+            failed.cancel();
+            return Err(error.into());
+        }
+        telemetry::event_published(&stats, severity);
+        release(&holds);
+    }
+    Ok(())
+}
+
+/// Publishes dead letters and releases their holds once acknowledged.
+async fn publish_dead_letters(
+    mut input: mpsc::Receiver<PendingLetter>,
+    sink: Arc<Sink>,
+    ledger: Arc<Mutex<OffsetLedger>>,
+    failed: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            letter = input.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => match letter {
+                Some(PendingLetter { id, letter }) => {
+                    let sink = Arc::clone(&sink);
+                    in_flight.push(async move {
+                        let result = sink.publish_dead_letter(&letter).await;
+                        (id, letter.offset, result)
+                    });
+                }
+                None => open = false,
+            },
+            Some((id, offset, result)) = in_flight.next() => {
+                if let Err(error) = result {
+                    failed.cancel();
+                    return Err(error.into());
+                }
+                ledger.lock().expect("ledger lock").release(id, offset);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,421 @@
+//! The records of `schemas/` as Rust types, and their conversion to and from Avro values.
+//!
+//! Invariant: `from_value(to_value(x)) == x` for every record type, and `from_value` accepts
+//! exactly the values that the reader schemas in `schemas/` describe (after writer → reader
+//! resolution); any other shape is a [`ShapeError`] naming the field.
+
+use std::collections::HashMap;
+
+use apache_avro::types::Value;
+
+/// One observation of one sensor node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub node_id: String,
+    /// Milliseconds since the Unix epoch, UTC.
+    pub event_time_ms: i64,
+    /// Channel name and value, in the order the payload listed them.
+    pub values: Vec<(String, f64)>,
+    pub sequence: Option<i64>,
+}
+
+/// A channel a node reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Channel {
+    pub name: String,
+    pub unit: String,
+}
+
+/// Where a node is and what it measures.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SpatialNode {
+    pub node_id: String,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+    pub x: Option<f64>,
+    pub y: Option<f64>,
+    pub cell_id: Option<String>,
+    pub kind: String,
+    pub channels: Vec<Channel>,
+}
+
+/// Severity of an anomaly event, from the ratio of score to threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+impl Severity {
+    pub const ALL: [Severity; 4] = [
+        Severity::Low,
+        Severity::Medium,
+        Severity::High,
+        Severity::Critical,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Low => "LOW",
+            Severity::Medium => "MEDIUM",
+            Severity::High => "HIGH",
+            Severity::Critical => "CRITICAL",
+        }
+    }
+
+    fn index(self) -> u32 {
+        self as u32
+    }
+}
+
+/// One node/channel pair's part in an anomalous window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contributor {
+    pub node_id: String,
+    pub channel: String,
+    pub share: f64,
+    pub score: f64,
+}
+
+/// An anomalous window of one cell, as published to the event topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnomalyEvent {
+    pub event_id: String,
+    pub cell_id: String,
+    pub window_start_ms: i64,
+    pub window_end_ms: i64,
+    pub detected_at_ms: i64,
+    pub score: f64,
+    pub threshold: f64,
+    pub severity: Severity,
+    pub contributors: Vec<Contributor>,
+    pub model_name: String,
+    pub model_version: String,
+    pub model_hash: String,
+    pub missing_fraction: f64,
+    pub node_count: i32,
+}
+
+/// A value did not have the shape its reader schema promises.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: expected {expected}")]
+pub struct ShapeError {
+    pub field: &'static str,
+    pub expected: &'static str,
+}
+
+fn shape(field: &'static str, expected: &'static str) -> ShapeError {
+    ShapeError { field, expected }
+}
+
+/// Field access on an Avro record value.
+struct Fields<'a>(&'a [(String, Value)]);
+
+impl<'a> Fields<'a> {
+    fn of(value: &'a Value, what: &'static str) -> Result<Self, ShapeError> {
+        match value {
+            Value::Record(fields) => Ok(Self(fields)),
+            _ => Err(shape(what, "a record")),
+        }
+    }
+
+    fn get(&self, name: &'static str) -> Result<&'a Value, ShapeError> {
+        self.0
+            .iter()
+            .find(|(field, _)| field == name)
+            .map(|(_, value)| unwrap_union(value))
+            .ok_or(shape(name, "to be present"))
+    }
+
+    fn string(&self, name: &'static str) -> Result<String, ShapeError> {
+        match self.get(name)? {
+            Value::String(s) => Ok(s.clone()),
+            _ => Err(shape(name, "a string")),
+        }
+    }
+
+    fn opt_string(&self, name: &'static str) -> Result<Option<String>, ShapeError> {
+        match self.get(name)? {
+            Value::Null => Ok(None),
+            Value::String(s) => Ok(Some(s.clone())),
+            _ => Err(shape(name, "null or a string")),
+        }
+    }
+
+    fn long(&self, name: &'static str) -> Result<i64, ShapeError> {
+        match self.get(name)? {
+            Value::Long(v) | Value::TimestampMillis(v) => Ok(*v),
+            Value::Int(v) => Ok(i64::from(*v)),
+            _ => Err(shape(name, "a long")),
+        }
+    }
+
+    fn opt_long(&self, name: &'static str) -> Result<Option<i64>, ShapeError> {
+        match self.get(name)? {
+            Value::Null => Ok(None),
+            Value::Long(v) => Ok(Some(*v)),
+            Value::Int(v) => Ok(Some(i64::from(*v))),
+            _ => Err(shape(name, "null or a long")),
+        }
+    }
+
+    fn opt_double(&self, name: &'static str) -> Result<Option<f64>, ShapeError> {
+        match self.get(name)? {
+            Value::Null => Ok(None),
+            v => as_double(v)
+                .map(Some)
+                .ok_or(shape(name, "null or a double")),
+        }
+    }
+
+    fn array(&self, name: &'static str) -> Result<&'a [Value], ShapeError> {
+        match self.get(name)? {
+            Value::Array(items) => Ok(items),
+            _ => Err(shape(name, "an array")),
+        }
+    }
+}
+
+fn unwrap_union(value: &Value) -> &Value {
+    match value {
+        Value::Union(_, inner) => inner,
+        other => other,
+    }
+}
+
+fn as_double(value: &Value) -> Option<f64> {
+    match value {
+        Value::Double(v) => Some(*v),
+        Value::Float(v) => Some(f64::from(*v)),
+        Value::Long(v) => Some(*v as f64),
+        Value::Int(v) => Some(f64::from(*v)),
+        _ => None,
+    }
+}
+
+fn opt_union<T>(value: Option<T>, wrap: impl FnOnce(T) -> Value) -> Value {
+    match value {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(v) => Value::Union(1, Box::new(wrap(v))),
+    }
+}
+
+impl Reading {
+    pub fn from_value(value: &Value) -> Result<Self, ShapeError> {
+        let fields = Fields::of(value, "Reading")?;
+        let values = match fields.get("values")? {
+            Value::Map(map) => {
+                let mut values = map
+                    .iter()
+                    .map(|(name, v)| {
+                        as_double(v)
+                            .map(|v| (name.clone(), v))
+                            .ok_or(shape("values", "a map of doubles"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                // Avro maps are unordered; sort so that decoding is deterministic.
+                values.sort_by(|a, b| a.0.cmp(&b.0));
+                values
+            }
+            _ => return Err(shape("values", "a map of doubles")),
+        };
+        Ok(Self {
+            node_id: fields.string("node_id")?,
+            event_time_ms: fields.long("event_time")?,
+            values,
+            sequence: fields.opt_long("sequence")?,
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        Value::Record(vec![
+            ("node_id".into(), Value::String(self.node_id.clone())),
+            (
+                "event_time".into(),
+                Value::TimestampMillis(self.event_time_ms),
+            ),
+            (
+                "values".into(),
+                Value::Map(
+                    self.values
+                        .iter()
+                        .map(|(k, v)| (k.clone(), Value::Double(*v)))
+                        .collect::<HashMap<_, _>>(),
+                ),
+            ),
+            ("sequence".into(), opt_union(self.sequence, Value::Long)),
+        ])
+    }
+}
+
+/// Converts a `ReadingBatch` value into its readings.
+pub fn batch_from_value(value: &Value) -> Result<Vec<Reading>, ShapeError> {
+    let fields = Fields::of(value, "ReadingBatch")?;
+    fields
+        .array("readings")?
+        .iter()
+        .map(Reading::from_value)
+        .collect()
+}
+
+/// Builds a `ReadingBatch` value.
+pub fn batch_to_value(readings: &[Reading]) -> Value {
+    Value::Record(vec![(
+        "readings".into(),
+        Value::Array(readings.iter().map(Reading::to_value).collect()),
+    )])
+}
+
+impl SpatialNode {
+    pub fn from_value(value: &Value) -> Result<Self, ShapeError> {
+        let fields = Fields::of(value, "SpatialNode")?;
+        let channels = fields
+            .array("channels")?
+            .iter()
+            .map(|channel| {
+                let c = Fields::of(channel, "channels")?;
+                Ok(Channel {
+                    name: c.string("name")?,
+                    unit: c.string("unit")?,
+                })
+            })
+            .collect::<Result<_, ShapeError>>()?;
+        Ok(Self {
+            node_id: fields.string("node_id")?,
+            latitude: fields.opt_double("latitude")?,
+            longitude: fields.opt_double("longitude")?,
+            x: fields.opt_double("x")?,
+            y: fields.opt_double("y")?,
+            cell_id: fields.opt_string("cell_id")?,
+            kind: fields.string("kind")?,
+            channels,
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        Value::Record(vec![
+            ("node_id".into(), Value::String(self.node_id.clone())),
+            ("latitude".into(), opt_union(self.latitude, Value::Double)),
+            ("longitude".into(), opt_union(self.longitude, Value::Double)),
+            ("x".into(), opt_union(self.x, Value::Double)),
+            ("y".into(), opt_union(self.y, Value::Double)),
+            (
+                "cell_id".into(),
+                opt_union(self.cell_id.clone(), Value::String),
+            ),
+            ("kind".into(), Value::String(self.kind.clone())),
+            (
+                "channels".into(),
+                Value::Array(
+                    self.channels
+                        .iter()
+                        .map(|c| {
+                            Value::Record(vec![
+                                ("name".into(), Value::String(c.name.clone())),
+                                ("unit".into(), Value::String(c.unit.clone())),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
+        ])
+    }
+}
+
+impl AnomalyEvent {
+    pub fn to_value(&self) -> Value {
+        Value::Record(vec![
+            ("event_id".into(), Value::String(self.event_id.clone())),
+            ("cell_id".into(), Value::String(self.cell_id.clone())),
+            (
+                "window_start".into(),
+                Value::TimestampMillis(self.window_start_ms),
+            ),
+            (
+                "window_end".into(),
+                Value::TimestampMillis(self.window_end_ms),
+            ),
+            (
+                "detected_at".into(),
+                Value::TimestampMillis(self.detected_at_ms),
+            ),
+            ("score".into(), Value::Double(self.score)),
+            ("threshold".into(), Value::Double(self.threshold)),
+            (
+                "severity".into(),
+                Value::Enum(self.severity.index(), self.severity.as_str().into()),
+            ),
+            (
+                "contributors".into(),
+                Value::Array(
+                    self.contributors
+                        .iter()
+                        .map(|c| {
+                            Value::Record(vec![
+                                ("node_id".into(), Value::String(c.node_id.clone())),
+                                ("channel".into(), Value::String(c.channel.clone())),
+                                ("share".into(), Value::Double(c.share)),
+                                ("score".into(), Value::Double(c.score)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
+            ("model_name".into(), Value::String(self.model_name.clone())),
+            (
+                "model_version".into(),
+                Value::String(self.model_version.clone()),
+            ),
+            ("model_hash".into(), Value::String(self.model_hash.clone())),
+            (
+                "missing_fraction".into(),
+                Value::Double(self.missing_fraction),
+            ),
+            ("node_count".into(), Value::Int(self.node_count)),
+        ])
+    }
+
+    pub fn from_value(value: &Value) -> Result<Self, ShapeError> {
+        let fields = Fields::of(value, "AnomalyEvent")?;
+        let severity = match fields.get("severity")? {
+            Value::Enum(_, symbol) => Severity::ALL
+                .into_iter()
+                .find(|s| s.as_str() == symbol)
+                .ok_or(shape("severity", "a known severity"))?,
+            _ => return Err(shape("severity", "an enum")),
+        };
+        let double = |name: &'static str| fields.opt_double(name)?.ok_or(shape(name, "a double"));
+        let contributors = fields
+            .array("contributors")?
+            .iter()
+            .map(|c| {
+                let c = Fields::of(c, "contributors")?;
+                Ok(Contributor {
+                    node_id: c.string("node_id")?,
+                    channel: c.string("channel")?,
+                    share: c.opt_double("share")?.ok_or(shape("share", "a double"))?,
+                    score: c.opt_double("score")?.ok_or(shape("score", "a double"))?,
+                })
+            })
+            .collect::<Result<_, ShapeError>>()?;
+        Ok(Self {
+            event_id: fields.string("event_id")?,
+            cell_id: fields.string("cell_id")?,
+            window_start_ms: fields.long("window_start")?,
+            window_end_ms: fields.long("window_end")?,
+            detected_at_ms: fields.long("detected_at")?,
+            score: double("score")?,
+            threshold: double("threshold")?,
+            severity,
+            contributors,
+            model_name: fields.string("model_name")?,
+            model_version: fields.string("model_version")?,
+            model_hash: fields.string("model_hash")?,
+            missing_fraction: double("missing_fraction")?,
+            node_count: i32::try_from(fields.long("node_count")?)
+                .map_err(|_| shape("node_count", "an int"))?,
+        })
+    }
+}

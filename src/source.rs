@@ -1,0 +1,142 @@
+//! source: the reading topics' consumer and the rule for what may be committed.
+//!
+//! # The commit invariant (at-least-once)
+//! The offset stored for partition `p` is never greater than the least of:
+//! 1. the next offset not yet consumed from `p`,
+//! 2. the least offset of a reading of `p` still held in an open window step (the assembler's
+//!    low water), and
+//! 3. the least offset of `p` held by work in flight: emitted windows until they are scored and
+//!    their event (if any) is acknowledged by the broker, and dead letters until acknowledged.
+//!
+//! So after a crash, the group resumes at or before the first reading whose effect has not been
+//! durably published, and every event is published at least once. `enable.auto.offset.store`
+//! is off: only [`OffsetLedger::committable`] decides what is stored; librdkafka's auto-commit
+//! then commits stored offsets periodically, and shutdown commits synchronously.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
+
+/// Offsets held by in-flight work, and the consumption position, per partition.
+#[derive(Debug, Default)]
+pub struct OffsetLedger {
+    /// Multiset of held offsets per partition.
+    holds: HashMap<i32, BTreeMap<i64, u32>>,
+    /// Next offset to consume per partition.
+    next: HashMap<i32, i64>,
+}
+
+impl OffsetLedger {
+    /// Records that the message at `offset` of `partition` has been consumed.
+    pub fn consumed(&mut self, partition: i32, offset: i64) {
+        let next = self.next.entry(partition).or_insert(offset + 1);
+        *next = (*next).max(offset + 1);
+    }
+
+    /// Holds `offset` of `partition` until a matching [`OffsetLedger::release`].
+    pub fn hold(&mut self, partition: i32, offset: i64) {
+        *self
+            .holds
+            .entry(partition)
+            .or_default()
+            .entry(offset)
+            .or_insert(0) += 1;
+    }
+
+    pub fn release(&mut self, partition: i32, offset: i64) {
+        if let Some(held) = self.holds.get_mut(&partition)
+            && let Some(count) = held.get_mut(&offset)
+        {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&offset);
+            }
+        }
+    }
+
+    /// Number of holds in flight.
+    pub fn in_flight(&self) -> usize {
+        self.holds
+            .values()
+            .map(|h| h.values().sum::<u32>() as usize)
+            .sum()
+    }
+
+    /// The offset each consumed partition may commit, given the assembler's low water.
+    pub fn committable(&self, low_water: &HashMap<i32, i64>) -> BTreeMap<i32, i64> {
+        self.next
+            .iter()
+            .map(|(&partition, &next)| {
+                let held = self
+                    .holds
+                    .get(&partition)
+                    .and_then(|h| h.keys().next().copied())
+                    .unwrap_or(i64::MAX);
+                let open = low_water.get(&partition).copied().unwrap_or(i64::MAX);
+                (partition, next.min(held).min(open))
+            })
+            .collect()
+    }
+
+    /// Forgets partitions this instance no longer owns.
+    pub fn forget(&mut self, partition: i32) {
+        self.holds.remove(&partition);
+        self.next.remove(&partition);
+    }
+}
+
+/// The group consumer of the reading topics, with offsets stored only by gridwatch.
+pub fn consumer(
+    mut client: ClientConfig,
+    group_id: &str,
+    commit_interval_ms: u64,
+) -> anyhow::Result<StreamConsumer> {
+    client
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", commit_interval_ms.to_string())
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    Ok(client.create()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_never_passes_held_open_or_unconsumed_offsets() {
+        let mut ledger = OffsetLedger::default();
+        for offset in 0..10 {
+            ledger.consumed(0, offset);
+        }
+        ledger.consumed(1, 4);
+        let none = HashMap::new();
+        assert_eq!(ledger.committable(&none), BTreeMap::from([(0, 10), (1, 5)]));
+        // A window in flight holds offset 3; the assembler still has offset 6 of partition 0.
+        ledger.hold(0, 3);
+        ledger.hold(0, 3);
+        let low = HashMap::from([(0, 6)]);
+        assert_eq!(ledger.committable(&low)[&0], 3);
+        ledger.release(0, 3);
+        assert_eq!(
+            ledger.committable(&low)[&0],
+            3,
+            "one hold of offset 3 is left"
+        );
+        ledger.release(0, 3);
+        assert_eq!(ledger.committable(&low)[&0], 6);
+        assert_eq!(ledger.committable(&none)[&0], 10);
+        assert_eq!(ledger.in_flight(), 0);
+    }
+
+    #[test]
+    fn releasing_unknown_holds_is_harmless() {
+        let mut ledger = OffsetLedger::default();
+        ledger.release(3, 9);
+        ledger.consumed(3, 0);
+        assert_eq!(ledger.committable(&HashMap::new())[&3], 1);
+    }
+}

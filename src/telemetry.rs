@@ -1,0 +1,202 @@
+//! telemetry: logging set-up and the one place each observable occurrence is defined.
+//!
+//! Invariant: every occurrence worth knowing about (a dead-lettered reading, an emitted window,
+//! a published event, …) goes through one function here that both counts it (in [`Stats`] for
+//! the run's summary and in the `metrics` registry for exporters) and logs it at a fitting level.
+//! Metric labels are bounded sets (topic, partition, reason, severity), never a cell or node id.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::schema::{DeadLetterReason, Severity};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Installs the global tracing subscriber. `RUST_LOG` overrides `default_filter`.
+pub fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = result;
+}
+
+/// Counters of one pipeline run, read for its summary.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub messages_consumed: AtomicU64,
+    pub readings_decoded: AtomicU64,
+    pub readings_accepted: AtomicU64,
+    pub channels_ignored: AtomicU64,
+    pub readings_without_model_channel: AtomicU64,
+    pub dead_lettered: [AtomicU64; DeadLetterReason::ALL.len()],
+    pub dropped: AtomicU64,
+    pub windows_emitted: AtomicU64,
+    pub windows_sparse: AtomicU64,
+    pub windows_scored: AtomicU64,
+    pub inference_batches: AtomicU64,
+    pub events_published: [AtomicU64; Severity::ALL.len()],
+    pub commits: AtomicU64,
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+impl Stats {
+    pub fn dead_lettered(&self, reason: DeadLetterReason) -> u64 {
+        get(&self.dead_lettered[reason as usize])
+    }
+
+    pub fn dead_lettered_total(&self) -> u64 {
+        self.dead_lettered.iter().map(get).sum()
+    }
+
+    pub fn events(&self, severity: Severity) -> u64 {
+        get(&self.events_published[severity as usize])
+    }
+
+    pub fn events_total(&self) -> u64 {
+        self.events_published.iter().map(get).sum()
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            messages_consumed: get(&self.messages_consumed),
+            readings_decoded: get(&self.readings_decoded),
+            readings_accepted: get(&self.readings_accepted),
+            dead_lettered: self.dead_lettered_total(),
+            dropped: get(&self.dropped),
+            windows_emitted: get(&self.windows_emitted),
+            windows_sparse: get(&self.windows_sparse),
+            windows_scored: get(&self.windows_scored),
+            inference_batches: get(&self.inference_batches),
+            events_published: self.events_total(),
+            commits: get(&self.commits),
+        }
+    }
+}
+
+/// Plain copy of the headline counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatsSnapshot {
+    pub messages_consumed: u64,
+    pub readings_decoded: u64,
+    pub readings_accepted: u64,
+    pub dead_lettered: u64,
+    pub dropped: u64,
+    pub windows_emitted: u64,
+    pub windows_sparse: u64,
+    pub windows_scored: u64,
+    pub inference_batches: u64,
+    pub events_published: u64,
+    pub commits: u64,
+}
+
+pub fn message_consumed(stats: &Stats, topic: &str, readings: usize) {
+    bump(&stats.messages_consumed, 1);
+    bump(&stats.readings_decoded, readings as u64);
+    metrics::counter!("gridwatch_messages_consumed_total", "topic" => topic.to_owned())
+        .increment(1);
+    metrics::counter!("gridwatch_readings_decoded_total").increment(readings as u64);
+}
+
+pub fn reading_accepted(stats: &Stats, ignored_channels: usize) {
+    bump(&stats.readings_accepted, 1);
+    if ignored_channels > 0 {
+        bump(&stats.channels_ignored, ignored_channels as u64);
+        metrics::counter!("gridwatch_channels_ignored_total").increment(ignored_channels as u64);
+    }
+}
+
+pub fn reading_without_model_channel(stats: &Stats) {
+    bump(&stats.readings_without_model_channel, 1);
+    metrics::counter!("gridwatch_readings_ignored_total").increment(1);
+}
+
+/// A message or reading could not be used. `dead_lettered` is false when the policy drops it.
+pub fn reading_rejected(
+    stats: &Stats,
+    reason: DeadLetterReason,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    error: &dyn std::fmt::Display,
+    dead_lettered: bool,
+) {
+    if dead_lettered {
+        bump(&stats.dead_lettered[reason as usize], 1);
+        metrics::counter!("gridwatch_dead_lettered_total", "reason" => reason.as_str())
+            .increment(1);
+    } else {
+        bump(&stats.dropped, 1);
+        metrics::counter!("gridwatch_dropped_total", "reason" => reason.as_str()).increment(1);
+    }
+    tracing::debug!(
+        reason = reason.as_str(),
+        topic,
+        partition,
+        offset,
+        error = %error,
+        dead_lettered,
+        "Rejected a reading."
+    );
+}
+
+pub fn node_record_rejected(partition: i32, offset: i64, error: &dyn std::fmt::Display) {
+    metrics::counter!("gridwatch_node_records_rejected_total").increment(1);
+    tracing::warn!(partition, offset, error = %error, "Refused a spatial-node record.");
+}
+
+pub fn windows_closed(stats: &Stats, emitted: usize, sparse: usize) {
+    if emitted > 0 {
+        bump(&stats.windows_emitted, emitted as u64);
+        metrics::counter!("gridwatch_windows_emitted_total").increment(emitted as u64);
+    }
+    if sparse > 0 {
+        bump(&stats.windows_sparse, sparse as u64);
+        metrics::counter!("gridwatch_windows_sparse_total").increment(sparse as u64);
+    }
+}
+
+pub fn batch_inferred(stats: &Stats, windows: usize, seconds: f64) {
+    bump(&stats.inference_batches, 1);
+    bump(&stats.windows_scored, windows as u64);
+    metrics::histogram!("gridwatch_inference_batch_size").record(windows as f64);
+    metrics::histogram!("gridwatch_inference_seconds").record(seconds);
+    tracing::trace!(windows, seconds, "Scored a batch.");
+}
+
+pub fn event_published(stats: &Stats, severity: Severity) {
+    bump(&stats.events_published[severity as usize], 1);
+    metrics::counter!("gridwatch_events_published_total", "severity" => severity.as_str())
+        .increment(1);
+}
+
+pub fn produce_failed(topic: &str, error: &dyn std::fmt::Display) {
+    metrics::counter!("gridwatch_produce_errors_total", "topic" => topic.to_owned()).increment(1);
+    tracing::warn!(topic, error = %error, "Produce failed; retrying.");
+}
+
+pub fn offsets_stored(stats: &Stats, partitions: usize) {
+    bump(&stats.commits, 1);
+    metrics::counter!("gridwatch_offset_stores_total").increment(1);
+    tracing::trace!(partitions, "Stored offsets.");
+}

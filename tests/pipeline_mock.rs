@@ -1,0 +1,347 @@
+//! The whole pipeline on librdkafka's in-process mock cluster, with the real model.
+//!
+//! Readings of a simulated two-line plant are produced with one planted fault and one message of
+//! each kind of bad input. The events read back from the anomaly topic must be exactly the events
+//! that the same readings give when pushed straight through assemble → infer → detect (no Kafka),
+//! must all point at the planted fault, and the dead-letter topic must hold exactly the bad
+//! inputs with the right reasons and source coordinates.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gridwatch::assemble::{Assembler, Provenance};
+use gridwatch::config::{Config, TopicConfig};
+use gridwatch::decode::PayloadKind;
+use gridwatch::pipeline;
+use gridwatch::schema::{
+    AnomalyEvent, Codec, DeadLetterReason, Reading, RecordKind, WireFormat, dead_letter_headers,
+    records,
+};
+use gridwatch::simulate::{self, Plant, PlantSpec};
+use gridwatch::telemetry::Stats;
+use rdkafka::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::FutureProducer;
+use tokio_util::sync::CancellationToken;
+
+const READINGS: &str = "readings";
+const NODES: &str = "spatial-nodes";
+const STEPS: u64 = 120;
+/// Steps of the planted fault: line-2/m03 runs 10 °C hot.
+const FAULT: std::ops::Range<u64> = 70..90;
+const FAULTY_NODE: &str = "line-2/m03";
+
+fn plant() -> Plant {
+    Plant::new(PlantSpec {
+        lines: 2,
+        machines_per_line: 4,
+        mean_steps_between_faults: None,
+        seed: 11,
+        ..PlantSpec::default()
+    })
+}
+
+/// The readings of each step, per cell, with the planted fault.
+fn steps() -> Vec<Vec<(String, Vec<Reading>)>> {
+    let mut plant = plant();
+    (0..STEPS)
+        .map(|step| {
+            let mut by_cell: Vec<(String, Vec<Reading>)> = Vec::new();
+            for r in plant.step() {
+                let mut reading = simulate::to_reading(&r);
+                if r.node_id == FAULTY_NODE && FAULT.contains(&step) {
+                    reading.values[1].1 += 10.0;
+                }
+                match by_cell.iter_mut().find(|(c, _)| *c == r.cell_id) {
+                    Some((_, list)) => list.push(reading),
+                    None => by_cell.push((r.cell_id.clone(), vec![reading])),
+                }
+            }
+            by_cell
+        })
+        .collect()
+}
+
+fn config(bootstrap: &str) -> Config {
+    let mut config = Config::default();
+    config
+        .kafka
+        .insert("bootstrap.servers".into(), bootstrap.into());
+    config.source.topics = vec![TopicConfig {
+        name: READINGS.into(),
+        payload: PayloadKind::Batch,
+    }];
+    config.source.commit_interval = Duration::from_millis(100);
+    config.registry.topic = NODES.into();
+    config.infer.max_wait = Duration::from_millis(1);
+    config.validate().unwrap();
+    config
+}
+
+/// The events the same readings give without Kafka: assemble, infer in batches, detect.
+fn reference_events(config: &Config) -> Vec<AnomalyEvent> {
+    let loaded = pipeline::load_model(config).unwrap();
+    let mut model = loaded.model;
+    let mut assembler = Assembler::new(loaded.spec);
+    let mut windows = Vec::new();
+    let mut offset = 0;
+    for step in steps() {
+        for (cell, readings) in step {
+            let cell: Arc<str> = Arc::from(cell.as_str());
+            for r in readings {
+                let node: Arc<str> = Arc::from(r.node_id.as_str());
+                let at = Provenance {
+                    partition: 0,
+                    offset,
+                };
+                assembler.add(&cell, &node, &r, at, &mut windows);
+            }
+            offset += 1;
+        }
+    }
+    let reconstructions = model.run(&windows).unwrap();
+    let mut events: Vec<AnomalyEvent> = windows
+        .iter()
+        .zip(&reconstructions)
+        .filter_map(|(w, r)| loaded.detector.detect(w, r).1)
+        .collect();
+    events.sort_by(|a, b| (&a.cell_id, a.window_end_ms).cmp(&(&b.cell_id, b.window_end_ms)));
+    events
+}
+
+fn assert_same_event(got: &AnomalyEvent, want: &AnomalyEvent) {
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+    assert_eq!(got.event_id, want.event_id);
+    assert_eq!(
+        (
+            &got.cell_id,
+            got.window_start_ms,
+            got.window_end_ms,
+            got.severity,
+            got.node_count
+        ),
+        (
+            &want.cell_id,
+            want.window_start_ms,
+            want.window_end_ms,
+            want.severity,
+            want.node_count
+        )
+    );
+    assert!(
+        close(got.score, want.score),
+        "{} vs {}",
+        got.score,
+        want.score
+    );
+    assert_eq!(got.contributors.len(), want.contributors.len());
+    for (g, w) in got.contributors.iter().zip(&want.contributors) {
+        assert_eq!((&g.node_id, &g.channel), (&w.node_id, &w.channel));
+        assert!(close(g.share, w.share));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_publishes_the_expected_events_and_dead_letters() {
+    gridwatch::telemetry::init_logging(Default::default(), "warn");
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    cluster.create_topic(READINGS, 2, 1).unwrap();
+    cluster.create_topic(NODES, 1, 1).unwrap();
+    cluster.create_topic("anomalies", 2, 1).unwrap();
+    cluster.create_topic("gridwatch-dlq", 1, 1).unwrap();
+    let config = config(&bootstrap);
+    let producer: FutureProducer = common::client(&bootstrap).create().unwrap();
+
+    let nodes = Codec::new(RecordKind::SpatialNode, WireFormat::Plain);
+    for node in simulate::node_records(&plant()) {
+        let payload = nodes.encode(&node.to_value()).unwrap();
+        common::produce(&producer, NODES, &node.node_id, &payload).await;
+    }
+
+    // Readings, with the four kinds of bad input planted after step 100.
+    let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
+    let mut produced = 0u64;
+    let mut bad = Vec::new();
+    for (step, cells) in steps().into_iter().enumerate() {
+        for (cell, readings) in &cells {
+            let payload = batches.encode(&records::batch_to_value(readings)).unwrap();
+            common::produce(&producer, READINGS, cell, &payload).await;
+            produced += 1;
+        }
+        if step == 100 {
+            let (cell, readings) = &cells[0];
+            let mut unknown = readings[0].clone();
+            unknown.node_id = "ghost".into();
+            let mut nan = readings[1].clone();
+            nan.values[2].1 = f64::NAN;
+            let mut late = readings[2].clone();
+            late.event_time_ms -= 30_000;
+            let garbage = b"\x02\xffnot avro".to_vec();
+            let flow_only = Reading {
+                values: vec![("flow".into(), 3.5)],
+                ..readings[3].clone()
+            };
+            let cases = [
+                (DeadLetterReason::Undecodable, garbage.clone(), None),
+                (
+                    DeadLetterReason::UnknownNode,
+                    batches
+                        .encode(&records::batch_to_value(&[unknown.clone()]))
+                        .unwrap(),
+                    Some(unknown),
+                ),
+                (
+                    // The first reading is usable (it only has a channel the model ignores);
+                    // only the second is dead-lettered.
+                    DeadLetterReason::InvalidValue,
+                    batches
+                        .encode(&records::batch_to_value(&[flow_only, nan.clone()]))
+                        .unwrap(),
+                    Some(nan),
+                ),
+                (
+                    DeadLetterReason::Late,
+                    batches
+                        .encode(&records::batch_to_value(&[late.clone()]))
+                        .unwrap(),
+                    Some(late),
+                ),
+            ];
+            for (reason, payload, reading) in cases {
+                let (partition, offset) =
+                    common::produce(&producer, READINGS, cell, &payload).await;
+                produced += 1;
+                bad.push((reason, partition, offset, payload, reading));
+            }
+        }
+    }
+
+    let stats = Arc::new(Stats::default());
+    let cancel = CancellationToken::new();
+    let loaded = pipeline::load_model(&config).unwrap();
+    let run = tokio::spawn({
+        let (config, stats, cancel) = (config.clone(), Arc::clone(&stats), cancel.clone());
+        async move { pipeline::run(&config, loaded, stats, cancel).await }
+    });
+    // Wait until every message is consumed and every emitted window scored.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = stats.snapshot();
+        if s.messages_consumed == produced
+            && s.windows_scored == s.windows_emitted
+            && s.windows_emitted > 0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pipeline stalled: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+    let report = run.await.unwrap().unwrap();
+
+    // Events: exactly the reference, all about the planted fault.
+    let want = reference_events(&config);
+    let event_codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
+    let mut got: Vec<AnomalyEvent> = common::read_all(&bootstrap, "anomalies")
+        .iter()
+        .map(|m| {
+            let event =
+                AnomalyEvent::from_value(&event_codec.decode(m.payload().unwrap()).unwrap())
+                    .unwrap();
+            assert_eq!(
+                m.key(),
+                Some(event.cell_id.as_bytes()),
+                "events are keyed by cell"
+            );
+            event
+        })
+        .collect();
+    got.sort_by(|a, b| (&a.cell_id, a.window_end_ms).cmp(&(&b.cell_id, b.window_end_ms)));
+    assert!(!want.is_empty(), "the planted fault must be detected");
+    assert_eq!(got.len(), want.len(), "got {got:#?}\nwant {want:#?}");
+    for (g, w) in got.iter().zip(&want) {
+        assert_same_event(g, w);
+    }
+    let start = PlantSpec::default().start_ms;
+    for event in &got {
+        assert_eq!(event.cell_id, "line-2");
+        assert_eq!(event.contributors[0].node_id, FAULTY_NODE);
+        assert_eq!(event.contributors[0].channel, "temperature");
+        // The scored steps overlap the fault, or its wake within one window.
+        let fault = (
+            start + FAULT.start as i64 * 1_000,
+            start + (FAULT.end as i64 + 16) * 1_000,
+        );
+        assert!(
+            event.window_end_ms > fault.0 && event.window_end_ms - 4_000 < fault.1,
+            "{event:?}"
+        );
+    }
+    assert_eq!(stats.events_total() as usize, got.len());
+
+    // Dead letters: exactly the four bad inputs, with reasons and source coordinates.
+    let letters = common::read_all(&bootstrap, "gridwatch-dlq");
+    assert_eq!(letters.len(), bad.len());
+    let reading_codec = Codec::new(RecordKind::Reading, WireFormat::Plain);
+    for (reason, partition, offset, payload, reading) in &bad {
+        let letter = letters
+            .iter()
+            .find(|m| {
+                common::header(m, dead_letter_headers::REASON).as_deref() == Some(reason.as_str())
+            })
+            .unwrap_or_else(|| panic!("no dead letter for {reason:?}"));
+        assert_eq!(
+            common::header(letter, dead_letter_headers::SOURCE_TOPIC).as_deref(),
+            Some(READINGS)
+        );
+        assert_eq!(
+            common::header(letter, dead_letter_headers::SOURCE_PARTITION),
+            Some(partition.to_string())
+        );
+        assert_eq!(
+            common::header(letter, dead_letter_headers::SOURCE_OFFSET),
+            Some(offset.to_string())
+        );
+        assert!(common::header(letter, dead_letter_headers::ERROR).is_some_and(|e| !e.is_empty()));
+        match reading {
+            // Whole undecodable messages keep their bytes.
+            None => assert_eq!(letter.payload(), Some(payload.as_slice())),
+            // A bad reading of a batch comes alone, as a Reading, with its index in the batch.
+            Some(reading) => {
+                let value = reading_codec.decode(letter.payload().unwrap()).unwrap();
+                let decoded = Reading::from_value(&value).unwrap();
+                assert_eq!(decoded.node_id, reading.node_id);
+                assert_eq!(decoded.event_time_ms, reading.event_time_ms);
+                let index = if *reason == DeadLetterReason::InvalidValue {
+                    "1"
+                } else {
+                    "0"
+                };
+                assert_eq!(
+                    common::header(letter, dead_letter_headers::BATCH_INDEX).as_deref(),
+                    Some(index)
+                );
+            }
+        }
+        assert_eq!(stats.dead_lettered(*reason), 1);
+    }
+
+    // Offsets: committed, never past a reading still needed by an open window.
+    assert!(!report.committed.is_empty());
+    for (topic, _, offset) in &report.committed {
+        assert_eq!(topic, READINGS);
+        assert!(*offset >= 0);
+    }
+    let total_committed: i64 = report.committed.iter().map(|c| c.2).sum();
+    assert!(
+        total_committed < produced as i64,
+        "the last steps are still open and hold their offsets"
+    );
+    drop(cluster);
+}
