@@ -24,6 +24,20 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# Python 3 with venv, for the ONNX Runtime wheel (skipped when a working python3 is present).
+if ! python3 -c "import venv, ensurepip" >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup.sh: installing python3 and python3-venv" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3 python3-venv >/dev/null
+  else
+    echo "setup.sh: python3 with the venv module is required" >&2
+    exit 1
+  fi
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup.sh: cargo not found; install Rust 1.88 or newer (https://rustup.rs)" >&2
   exit 1

@@ -77,6 +77,8 @@ pub struct Window {
     pub missing_fraction: f64,
     /// Least source offset per partition of the readings in this window.
     pub holds: Vec<(i32, i64)>,
+    /// When the window closed (wall clock), for the close → acknowledged latency.
+    pub closed_at: std::time::Instant,
 }
 
 impl Window {
@@ -442,6 +444,7 @@ fn build(spec: &AssembleSpec, cell: &Arc<str>, state: &CellState, end: i64) -> O
         mask,
         missing_fraction: 1.0 - observed_fraction,
         holds,
+        closed_at: std::time::Instant::now(),
     })
 }
 

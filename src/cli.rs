@@ -12,8 +12,8 @@ use crate::config::Config;
 use crate::decode::PayloadKind;
 use crate::schema::WireFormat;
 use crate::simulate::{self, Plant, PlantSpec, PublishSpec};
-use crate::telemetry::{LogFormat, Stats};
-use crate::{demo, pipeline};
+use crate::telemetry::{Health, LogFormat, Stats};
+use crate::{admin, demo, pipeline};
 
 /// gridwatch: finds anomalies in multi-sensor telemetry as it flows through Kafka.
 ///
@@ -195,8 +195,22 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 "Model loaded."
             );
             let stats = Arc::new(Stats::default());
-            let report =
-                pipeline::run(&config, loaded, Arc::clone(&stats), shutdown_signal()).await?;
+            let health = Arc::new(Health::default());
+            let cancel = shutdown_signal();
+            let admin = match config.admin.address() {
+                Some(address) => {
+                    Some(admin::serve(address, Arc::clone(&health), cancel.clone()).await?)
+                }
+                None => None,
+            };
+            let result =
+                pipeline::run(&config, loaded, Arc::clone(&stats), health, cancel.clone()).await;
+            cancel.cancel();
+            if let Some((_, task)) = admin {
+                let _ = task.await;
+            }
+            // A missed shutdown deadline is an error here, so the exit code is non-zero.
+            let report = result?;
             let s = stats.snapshot();
             tracing::info!(
                 messages = s.messages_consumed,

@@ -47,6 +47,7 @@ pub struct Config {
     pub detect: DetectConfig,
     pub sink: SinkConfig,
     pub pipeline: PipelineConfig,
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -61,6 +62,7 @@ impl Default for Config {
             detect: DetectConfig::default(),
             sink: SinkConfig::default(),
             pipeline: PipelineConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -290,6 +292,29 @@ impl Default for PipelineConfig {
     }
 }
 
+/// The operator's HTTP endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of `/metrics` (Prometheus), `/healthz` and `/readyz`; `""` disables them.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9464".into(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The address to serve on, or `None` when disabled.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        (!self.listen.is_empty()).then(|| self.listen.parse().expect("validated"))
+    }
+}
+
 impl Config {
     /// Defaults, then the file (if any), then `GRIDWATCH__…` variables from `env`; validated.
     pub fn load(
@@ -383,6 +408,14 @@ impl Config {
         }
         if self.detect.threshold_scale <= 0.0 || self.detect.threshold.is_some_and(|t| t <= 0.0) {
             return invalid("[detect] threshold and threshold_scale must be positive".into());
+        }
+        if !self.admin.listen.is_empty()
+            && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return invalid(format!(
+                "[admin] listen = \"{}\" is not an address like \"0.0.0.0:9464\" (\"\" disables the endpoints)",
+                self.admin.listen
+            ));
         }
         if self.pipeline.channel_capacity == 0 {
             return invalid("[pipeline] channel_capacity must be at least 1".into());
@@ -532,6 +565,22 @@ mod tests {
                 .to_string()
                 .contains("enable.auto.offset.store")
         );
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut seen = 0;
+        let examples = std::fs::read_dir(root.join("examples"))
+            .unwrap()
+            .map(|e| e.unwrap().path());
+        for path in examples.chain([root.join("compose/gridwatch.toml")]) {
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(Some(&path), []).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen > 0);
     }
 
     #[test]

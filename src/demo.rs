@@ -210,7 +210,8 @@ pub async fn run(
     let stop_pipeline = CancellationToken::new();
     let pipeline_task = tokio::spawn({
         let (config, stats, stop) = (config.clone(), Arc::clone(&stats), stop_pipeline.clone());
-        async move { pipeline::run(&config, loaded, stats, stop).await }
+        let health = Arc::new(crate::telemetry::Health::default());
+        async move { pipeline::run(&config, loaded, stats, health, stop).await }
     });
     let stop_tail = CancellationToken::new();
     let tailed = Arc::new(AtomicUsize::new(0));

@@ -201,6 +201,7 @@ mod tests {
             mask,
             missing_fraction: 3.0 / 12.0,
             holds: vec![],
+            closed_at: std::time::Instant::now(),
         }
     }
 

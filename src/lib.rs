@@ -13,10 +13,11 @@
 //! - [`pipeline`]: wires the stages with bounded channels; drains and commits on shutdown.
 //!
 //! At the edges: [`schema`] (Avro schemas and wire framing), [`config`] (TOML + environment),
-//! [`telemetry`] (logging and counters), [`cli`] (the command line), and the demo plant:
+//! [`telemetry`] (logging and counters), [`admin`] (metrics and health endpoints), [`cli`] (the command line), and the demo plant:
 //! [`simulate`] (the plant simulator as a producer) and [`demo`] (everything on an in-process
 //! mock cluster).
 
+pub mod admin;
 pub mod assemble;
 pub mod cli;
 pub mod config;

@@ -33,8 +33,9 @@ use crate::infer::{self, Inferred, Model};
 use crate::registry::Registry;
 use crate::schema::{self, DeadLetterReason, RecordKind, SchemaIds};
 use crate::sink::{DeadLetter, Sink};
+use crate::source::SourceContext;
 use crate::source::{self, OffsetLedger};
-use crate::telemetry::{self, Stats};
+use crate::telemetry::{self, Health, Stats};
 
 /// Most publishes awaiting acknowledgement at once, per publisher.
 const MAX_IN_FLIGHT: usize = 512;
@@ -131,8 +132,15 @@ pub async fn run(
     config: &Config,
     loaded: Loaded,
     stats: Arc<Stats>,
+    health: Arc<Health>,
     cancel: CancellationToken,
 ) -> anyhow::Result<RunReport> {
+    health.set_model_loaded(true);
+    telemetry::model_in_use(
+        &loaded.model.contract.name,
+        &loaded.model.contract.version,
+        loaded.model.provider,
+    );
     let client = client_config(config);
     let resolution = h3o::Resolution::try_from(config.registry.h3_resolution)?;
     let registry = Arc::new(Registry::new(resolution, config.source.wire_format));
@@ -160,11 +168,14 @@ pub async fn run(
         }
     }
     tracing::info!(nodes = registry.len(), "Registry ready.");
+    health.set_registry_loaded(true);
+    health.set_broker_reachable(true);
 
     let consumer = source::consumer(
         client.clone(),
         &config.source.group_id,
         config.source.commit_interval.as_millis() as u64,
+        Arc::clone(&health),
     )?;
     let topics: Vec<&str> = config
         .source
@@ -259,6 +270,7 @@ pub async fn run(
     let report = commit(&consumer, &ledger, &assembler, &partitions, &stats, true);
     registry_task.abort();
     consumer.unsubscribe();
+    health.set_assigned_partitions(0);
     ingest_result?;
     drained?;
     Ok(report?)
@@ -266,7 +278,7 @@ pub async fn run(
 
 /// Stores (and with `sync`, commits) the offsets the ledger allows.
 fn commit(
-    consumer: &StreamConsumer,
+    consumer: &StreamConsumer<SourceContext>,
     ledger: &Mutex<OffsetLedger>,
     assembler: &Assembler,
     partitions: &SourcePartitions,
@@ -314,7 +326,7 @@ struct Ingest {
 impl Ingest {
     async fn run(
         &mut self,
-        consumer: &StreamConsumer,
+        consumer: &StreamConsumer<SourceContext>,
         commit_interval: Duration,
         cancel: &CancellationToken,
         failed: &CancellationToken,
@@ -519,13 +531,15 @@ async fn publish_events(
             batch = input.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
                 let Some(batch) = batch else { break };
                 for Inferred { window, reconstruction } in batch {
-                    let (_, event) = detector.detect(&window, &reconstruction);
+                    let (score, event) = detector.detect(&window, &reconstruction);
+                    telemetry::window_scored(score.score);
                     match event {
                         None => release(&window.holds),
                         Some(event) => {
                             let sink = Arc::clone(&sink);
                             in_flight.push(async move {
                                 let result = sink.publish_event(&event).await;
+                                telemetry::event_latency(window.closed_at.elapsed().as_secs_f64());
                                 (window.holds, event.severity, result)
                             });
                         }

@@ -14,9 +14,13 @@
 //! then commits stored offsets periodically, and shutdown commits synchronously.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::{ClientConfig, ClientContext, Statistics, TopicPartitionList};
+
+use crate::telemetry::{self, Health};
 
 /// Offsets held by in-flight work, and the consumption position, per partition.
 #[derive(Debug, Default)]
@@ -86,20 +90,65 @@ impl OffsetLedger {
     }
 }
 
+/// Keeps [`Health`] and the lag gauges current from librdkafka's callbacks.
+pub struct SourceContext {
+    pub health: Arc<Health>,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, statistics: Statistics) {
+        let up = statistics.brokers.values().any(|b| b.state == "UP");
+        self.health.set_broker_reachable(up);
+        for (topic, t) in &statistics.topics {
+            for (&partition, p) in &t.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    telemetry::consumer_lag(topic, partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.health.set_broker_reachable(false);
+        }
+        tracing::warn!(%error, reason, "Kafka client error.");
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.health.set_assigned_partitions(assigned);
+        tracing::info!(assigned, ?rebalance, "Partitions rebalanced.");
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => telemetry::commit_result(true, None),
+            // Nothing to commit is not a failure.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(error) => telemetry::commit_result(false, Some(&error)),
+        }
+    }
+}
+
 /// The group consumer of the reading topics, with offsets stored only by gridwatch.
 pub fn consumer(
     mut client: ClientConfig,
     group_id: &str,
     commit_interval_ms: u64,
-) -> anyhow::Result<StreamConsumer> {
+    health: Arc<Health>,
+) -> anyhow::Result<StreamConsumer<SourceContext>> {
     client
+        .set("statistics.interval.ms", "5000")
         .set("group.id", group_id)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", commit_interval_ms.to_string())
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky");
-    Ok(client.create()?)
+    Ok(client.create_with_context(SourceContext { health })?)
 }
 
 #[cfg(test)]

@@ -200,3 +200,94 @@ pub fn offsets_stored(stats: &Stats, partitions: usize) {
     metrics::counter!("gridwatch_offset_stores_total").increment(1);
     tracing::trace!(partitions, "Stored offsets.");
 }
+
+/// What readiness depends on, updated by the pipeline and read by the admin endpoints.
+#[derive(Debug, Default)]
+pub struct Health {
+    registry_loaded: std::sync::atomic::AtomicBool,
+    model_loaded: std::sync::atomic::AtomicBool,
+    assigned_partitions: std::sync::atomic::AtomicUsize,
+    broker_reachable: std::sync::atomic::AtomicBool,
+}
+
+impl Health {
+    pub fn set_registry_loaded(&self, loaded: bool) {
+        self.registry_loaded.store(loaded, Ordering::Release);
+    }
+
+    pub fn set_model_loaded(&self, loaded: bool) {
+        self.model_loaded.store(loaded, Ordering::Release);
+    }
+
+    pub fn set_assigned_partitions(&self, count: usize) {
+        self.assigned_partitions.store(count, Ordering::Release);
+        metrics::gauge!("gridwatch_assigned_partitions").set(count as f64);
+    }
+
+    pub fn set_broker_reachable(&self, reachable: bool) {
+        self.broker_reachable.store(reachable, Ordering::Release);
+    }
+
+    pub fn assigned_partitions(&self) -> usize {
+        self.assigned_partitions.load(Ordering::Acquire)
+    }
+
+    /// Names of the readiness checks that fail now; empty when ready.
+    pub fn failing_checks(&self) -> Vec<&'static str> {
+        let mut failing = Vec::new();
+        if self.assigned_partitions.load(Ordering::Acquire) == 0 {
+            failing.push("no partitions assigned");
+        }
+        if !self.registry_loaded.load(Ordering::Acquire) {
+            failing.push("registry not loaded");
+        }
+        if !self.model_loaded.load(Ordering::Acquire) {
+            failing.push("model not loaded");
+        }
+        if !self.broker_reachable.load(Ordering::Acquire) {
+            failing.push("no broker reachable");
+        }
+        failing
+    }
+}
+
+/// Which model scores windows now.
+pub fn model_in_use(name: &str, version: &str, provider: &'static str) {
+    metrics::gauge!(
+        "gridwatch_model_info",
+        "model" => name.to_owned(),
+        "version" => version.to_owned(),
+        "provider" => provider
+    )
+    .set(1.0);
+    tracing::info!(model = name, version, provider, "Model in use.");
+}
+
+/// A window was scored.
+pub fn window_scored(score: f64) {
+    metrics::histogram!("gridwatch_window_score").record(score);
+}
+
+/// An event was acknowledged `seconds` after its window closed.
+pub fn event_latency(seconds: f64) {
+    metrics::histogram!("gridwatch_event_latency_seconds").record(seconds);
+}
+
+/// Consumer lag of one partition, from librdkafka's statistics.
+pub fn consumer_lag(topic: &str, partition: i32, lag: i64) {
+    metrics::gauge!(
+        "gridwatch_consumer_lag",
+        "topic" => topic.to_owned(),
+        "partition" => partition.to_string()
+    )
+    .set(lag as f64);
+}
+
+/// Result of one offset commit.
+pub fn commit_result(ok: bool, error: Option<&dyn std::fmt::Display>) {
+    let result = if ok { "ok" } else { "error" };
+    metrics::counter!("gridwatch_commits_total", "result" => result).increment(1);
+    if let Some(error) = error {
+        tracing::warn!(error = %error, "Offset commit failed.");
+    }
+}

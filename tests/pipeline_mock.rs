@@ -224,7 +224,8 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
     let loaded = pipeline::load_model(&config).unwrap();
     let run = tokio::spawn({
         let (config, stats, cancel) = (config.clone(), Arc::clone(&stats), cancel.clone());
-        async move { pipeline::run(&config, loaded, stats, cancel).await }
+        let health = Arc::new(gridwatch::telemetry::Health::default());
+        async move { pipeline::run(&config, loaded, stats, health, cancel).await }
     });
     // Wait until every message is consumed and every emitted window scored.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
