@@ -11,10 +11,14 @@
 //!   arrived.
 //! - Windows end on multiples of `hop` steps (aligned to the epoch, so every instance cuts the
 //!   same windows). The window ending at step `e` covers steps `[e−T, e)` and is emitted exactly
-//!   once, when step `e−1` closes. It is a `[T × N × F]` tensor of per-step means of normalised
+//!   once, when step `e−1` closes, unless it begins before the cell's history is whole on this
+//!   instance (within the allowed lateness plus one step of the earliest reading it accepted for
+//!   the cell): after a start, or a restart from committed offsets, no window with a truncated
+//!   history is emitted. It is a `[T × N × F]` tensor of per-step means of normalised
 //!   values plus a mask that is 1 exactly where something was observed; unobserved entries are 0
 //!   in the values and 0 in the mask, never a silent zero reading.
-//! - A step is kept until no future window needs it. [`Assembler::low_water`] is the least
+//! - A step is kept until no future window needs it, nor the warm-up margin before the next
+//!   window (so a restart from committed offsets can emit that window whole). [`Assembler::low_water`] is the least
 //!   source offset, per partition, of any reading in a kept step; every emitted [`Window`]
 //!   carries the least offsets of its own readings in [`Window::holds`]. Together they are what
 //!   an offset commit must not pass.
@@ -106,6 +110,8 @@ pub struct Closed {
     pub emitted: usize,
     /// Closed windows below `min_observed_fraction`.
     pub sparse: usize,
+    /// Closed windows that begin before this instance saw the cell's history whole.
+    pub warmup: usize,
 }
 
 #[derive(Debug, Default)]
@@ -148,6 +154,8 @@ struct CellState {
     /// Partitions that have fed this cell.
     partitions: Vec<i32>,
     last_data_step: i64,
+    /// Earliest step of any reading this instance accepted for the cell.
+    first_data_step: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -231,6 +239,7 @@ impl Assembler {
                 closed_before: partition_closed,
                 partitions: Vec::new(),
                 last_data_step: i64::MIN,
+                first_data_step: step,
             });
         if step < state.closed_before {
             return Admission::Late {
@@ -277,6 +286,7 @@ impl Assembler {
             state.steps[index].add(slot * width + f, value, at);
         }
         state.last_data_step = state.last_data_step.max(step);
+        state.first_data_step = state.first_data_step.min(step);
         if !state.partitions.contains(&at.partition) {
             state.partitions.push(at.partition);
             drop(state);
@@ -322,6 +332,7 @@ impl Assembler {
                 let r = close(&self.spec, &cell, &mut state, target, out);
                 result.emitted += r.emitted;
                 result.sparse += r.sparse;
+                result.warmup += r.warmup;
             }
         }
         result
@@ -370,6 +381,11 @@ fn close(
     let hop = spec.hop_steps as i64;
     let t = spec.window_steps as i64;
     let mut result = Closed::default();
+    // The history is whole from one step past the allowed lateness after the earliest reading:
+    // an earlier reading could only have come before this instance started (a restart from
+    // committed offsets), and a window that might lack it is never emitted.
+    let lateness_steps = (spec.allowed_lateness_ms + spec.cadence_ms - 1) / spec.cadence_ms;
+    let first_full_step = state.first_data_step + lateness_steps + 1;
     // Only windows that contain data can be worth building.
     let last_useful = target.min(state.last_data_step.saturating_add(t));
     let first_end = (state.closed_before.div_euclid(hop) + 1) * hop;
@@ -378,6 +394,11 @@ fn close(
         (state.base_step.div_euclid(hop) + 1) * hop,
     );
     while end <= last_useful {
+        if end - t < first_full_step {
+            result.warmup += 1;
+            end += hop;
+            continue;
+        }
         match build(spec, cell, state, end) {
             Some(window) => {
                 out.push(window);
@@ -388,8 +409,10 @@ fn close(
         end += hop;
     }
     state.closed_before = target;
+    // Keep what the next window needs, plus the warm-up margin before it: a restart from the
+    // offsets these steps hold then sees the next window's history whole and emits it.
     let next_end = (target.div_euclid(hop) + 1) * hop;
-    let keep_from = next_end - t;
+    let keep_from = next_end - t - lateness_steps - 1;
     while state.base_step < keep_from && !state.steps.is_empty() {
         state.steps.pop_front();
         state.base_step += 1;

@@ -10,10 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::decode::PayloadKind;
-use crate::schema::WireFormat;
+use crate::infer::ModelContract;
+use crate::schema::{Severity, WireFormat};
 use crate::simulate::{self, Plant, PlantSpec, PublishSpec};
 use crate::telemetry::{Health, LogFormat, Stats};
-use crate::{admin, demo, pipeline};
+use crate::{admin, demo, pipeline, tail};
 
 /// gridwatch: finds anomalies in multi-sensor telemetry as it flows through Kafka.
 ///
@@ -26,11 +27,24 @@ pub struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    pub log_level: String,
+    /// Log filter (tracing EnvFilter syntax, e.g. `debug` or `info,gridwatch::assemble=trace`);
+    /// RUST_LOG overrides it. Default: `info,ort=warn`, and `warn` for the demo, whose output is
+    /// its event lines.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The log filter to start with.
+    pub fn log_filter(&self) -> String {
+        match (&self.log_level, &self.command) {
+            (Some(level), _) => level.clone(),
+            (None, Command::Demo(_) | Command::Tail(_)) => "warn".into(),
+            (None, _) => "info,ort=warn".into(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -44,6 +58,62 @@ pub enum Command {
     /// Publish simulated plant readings (and its spatial-node records) to a Kafka cluster, or
     /// write them to a CSV file for training.
     Simulate(SimulateArgs),
+    /// Follow the anomaly topic and print one line per event, for people.
+    Tail(TailArgs),
+    /// Validate a configuration file (and the model contract and schema files it names)
+    /// without connecting to anything.
+    CheckConfig(CheckConfigArgs),
+    /// Inspect models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TailArgs {
+    /// Kafka bootstrap servers (HOST:PORT[,HOST:PORT…]).
+    #[arg(long)]
+    pub brokers: String,
+    /// The anomaly topic.
+    #[arg(long, default_value = "anomalies")]
+    pub topic: String,
+    /// Only events at or above this severity.
+    #[arg(long, value_enum)]
+    pub severity: Option<SeverityArg>,
+    /// Only events of this cell (repeatable).
+    #[arg(long = "cell")]
+    pub cells: Vec<String>,
+    /// Start from the beginning of the topic instead of its end.
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Framing of the events.
+    #[arg(long, value_enum, default_value_t = Framing::Plain)]
+    pub wire_format: Framing,
+    /// Print each event as JSON instead of a line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SeverityArg {
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The configuration file to check.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Print a model's contract: interface, window geometry, channels, calibration, training.
+    Inspect {
+        /// Path of the model contract (`.json` next to the `.onnx`).
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -224,7 +294,123 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => simulate_command(args).await,
+        Command::Tail(args) => tail_command(args).await,
+        Command::CheckConfig(args) => check_config(&args.file),
+        Command::Model(ModelCommand::Inspect { path }) => {
+            let (contract, onnx) = ModelContract::load(&path)?;
+            print!("{}", inspect(&contract, &onnx));
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn framing(f: Framing) -> WireFormat {
+    match f {
+        Framing::Plain => WireFormat::Plain,
+        Framing::Confluent => WireFormat::Confluent,
+    }
+}
+
+async fn tail_command(args: TailArgs) -> anyhow::Result<ExitCode> {
+    let mut client = rdkafka::ClientConfig::new();
+    client.set("bootstrap.servers", &args.brokers);
+    let filter = tail::Filter {
+        min_severity: args.severity.map(|s| match s {
+            SeverityArg::Low => Severity::Low,
+            SeverityArg::Medium => Severity::Medium,
+            SeverityArg::High => Severity::High,
+            SeverityArg::Critical => Severity::Critical,
+        }),
+        cells: args.cells,
+    };
+    let json = args.json;
+    tail::follow(
+        client,
+        &args.topic,
+        framing(args.wire_format),
+        args.from_beginning,
+        &filter,
+        shutdown_signal(),
+        |event| {
+            if json {
+                println!("{}", tail::event_json(&event));
+            } else {
+                println!("{}", tail::event_line(&event));
+            }
+        },
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads and validates `file`, then the files it names, without connecting anywhere.
+fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(Some(file), env_vars())?;
+    let (contract, onnx) = ModelContract::load(&config.model.contract)
+        .map_err(|e| anyhow::anyhow!("[model] contract: {e}"))?;
+    pipeline::decoder(&config)?;
+    println!(
+        "{}: valid; model {} ({}), {} reading topic(s), events to `{}`, dead letters to `{}`",
+        file.display(),
+        contract.label(),
+        onnx.display(),
+        config.source.topics.len(),
+        config.sink.events_topic,
+        config.sink.dead_letter_topic
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The human-readable summary of a model contract.
+pub fn inspect(c: &ModelContract, onnx: &std::path::Path) -> String {
+    let mut out = String::new();
+    let shape = |s: &crate::infer::contract::TensorSpec| {
+        let dims: Vec<String> = s
+            .shape
+            .iter()
+            .map(|d| match d {
+                crate::infer::contract::Dim::Fixed(n) => n.to_string(),
+                crate::infer::contract::Dim::Symbolic(name) => name.clone(),
+            })
+            .collect();
+        format!("{} [{}]", s.name, dims.join(", "))
+    };
+    out.push_str(&format!("model        {} ({})\n", c.label(), c.family));
+    out.push_str(&format!(
+        "onnx         {} (sha256 {})\n",
+        onnx.display(),
+        c.onnx_sha256
+    ));
+    for i in &c.inputs {
+        out.push_str(&format!("input        {}\n", shape(i)));
+    }
+    for o in &c.outputs {
+        out.push_str(&format!("output       {}\n", shape(o)));
+    }
+    out.push_str(&format!(
+        "window       {} steps of {} ms, last {} scored, up to {} nodes\n",
+        c.window_steps, c.cadence_ms, c.scored_steps, c.max_nodes
+    ));
+    for (ch, scale) in c.channels.iter().zip(&c.calibration.error_scale) {
+        out.push_str(&format!(
+            "channel      {:<14} {:<6} mean {:>9.4}  std {:>8.4}  error scale {:.5}\n",
+            ch.name, ch.unit, ch.mean, ch.std, scale
+        ));
+    }
+    out.push_str(&format!(
+        "threshold    {:.4} ({}; {} calibration windows)\n",
+        c.calibration.threshold, c.calibration.rule, c.calibration.windows
+    ));
+    out.push_str(&format!("scoring      {}\n", c.scoring));
+    for key in ["data", "date", "command"] {
+        if let Some(v) = c.training.get(key) {
+            out.push_str(&format!(
+                "training     {key}: {}\n",
+                v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+            ));
+        }
+    }
+    out
 }
 
 async fn simulate_command(args: SimulateArgs) -> anyhow::Result<ExitCode> {
@@ -263,10 +449,7 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<ExitCode> {
             Payload::Reading => PayloadKind::Reading,
             Payload::Batch => PayloadKind::Batch,
         },
-        wire_format: match args.wire_format {
-            Framing::Plain => WireFormat::Plain,
-            Framing::Confluent => WireFormat::Confluent,
-        },
+        wire_format: framing(args.wire_format),
         speed: args.speed,
         steps: args.steps,
         bad_input_every: args.bad_input_every,

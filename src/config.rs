@@ -38,7 +38,7 @@ pub enum ConfigError {
 pub struct Config {
     /// librdkafka client properties, passed through untouched to every consumer and producer
     /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`, …).
-    pub kafka: BTreeMap<String, String>,
+    pub kafka: KafkaProperties,
     pub source: SourceConfig,
     pub registry: RegistryConfig,
     pub assemble: AssembleConfig,
@@ -53,7 +53,10 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            kafka: BTreeMap::from([("bootstrap.servers".to_owned(), "localhost:9092".to_owned())]),
+            kafka: KafkaProperties(BTreeMap::from([(
+                "bootstrap.servers".to_owned(),
+                "localhost:9092".to_owned(),
+            )])),
             source: SourceConfig::default(),
             registry: RegistryConfig::default(),
             assemble: AssembleConfig::default(),
@@ -64,6 +67,42 @@ impl Default for Config {
             pipeline: PipelineConfig::default(),
             admin: AdminConfig::default(),
         }
+    }
+}
+
+/// librdkafka properties. Behaves as a map; its `Debug` output redacts secrets, so a logged
+/// configuration never shows a password.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KafkaProperties(pub BTreeMap<String, String>);
+
+impl std::ops::Deref for KafkaProperties {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KafkaProperties {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl std::fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                (
+                    k,
+                    if is_secret(k) {
+                        "<redacted>"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            }))
+            .finish()
     }
 }
 
@@ -332,7 +371,7 @@ impl Config {
                 let file_tree: toml::Table =
                     toml::from_str(&text).map_err(|e| ConfigError::Parse {
                         path: path.display().to_string(),
-                        message: e.to_string(),
+                        message: syntax_error(&text, &e),
                     })?;
                 merge(&mut tree, file_tree);
                 path.display().to_string()
@@ -434,7 +473,7 @@ impl Config {
     /// `[kafka]` except file locations) replaced by `"<redacted>"`.
     pub fn to_redacted_toml(&self) -> String {
         let mut copy = self.clone();
-        for (key, value) in copy.kafka.iter_mut() {
+        for (key, value) in copy.kafka.0.iter_mut() {
             if is_secret(key) {
                 *value = "<redacted>".into();
             }
@@ -451,6 +490,20 @@ pub fn is_secret(key: &str) -> bool {
         || key.ends_with(".key.pem")
         || key == "sasl.oauthbearer.config")
         && !key.ends_with(".location")
+}
+
+/// A TOML syntax error as `line L, column C: message`, without quoting the offending line: it may
+/// hold a secret.
+fn syntax_error(text: &str, error: &toml::de::Error) -> String {
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {}", error.message())
+        }
+        None => error.message().to_owned(),
+    }
 }
 
 /// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
@@ -606,5 +659,25 @@ mod tests {
         );
         assert!(printed.contains("/etc/k.pem"));
         assert!(printed.contains("<redacted>"));
+    }
+
+    #[test]
+    fn errors_never_quote_secrets() {
+        // A syntax error on the password's own line: the message points at it, never quotes it.
+        let f = file("[kafka]\n\"sasl.password\" = hunter2\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("line 2"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+        // A type error elsewhere in a file that holds a password.
+        let f = file("[kafka]\n\"sasl.password\" = \"hunter2\"\n[infer]\nmax_batch = \"many\"\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(!message.contains("hunter2"), "{message}");
+        // Debug output of a loaded config is what logs would show: redact there too.
+        let env = [(
+            "GRIDWATCH__KAFKA__SASL_PASSWORD".to_owned(),
+            "hunter2".to_owned(),
+        )];
+        let config = Config::load(None, env).unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 }

@@ -10,16 +10,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::ClientConfig;
 use rdkafka::mocking::MockCluster;
-use rdkafka::{ClientConfig, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, TopicConfig};
 use crate::decode::PayloadKind;
 use crate::pipeline;
-use crate::schema::{AnomalyEvent, Codec, RecordKind, Severity, WireFormat};
+use crate::schema::{AnomalyEvent, Severity, WireFormat};
 use crate::simulate::{self, Fault, Plant, PlantSpec, PublishSpec, SimReport};
+use crate::tail::{self, utc};
 use crate::telemetry::{Stats, StatsSnapshot};
 
 /// How the demo runs.
@@ -133,29 +133,6 @@ pub struct DemoSummary {
     pub dead_letters: Vec<(String, u64)>,
     pub model: String,
     pub provider: &'static str,
-}
-
-fn utc(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// One readable line for an event.
-pub fn event_line(e: &AnomalyEvent) -> String {
-    let contributors: Vec<String> = e
-        .contributors
-        .iter()
-        .map(|c| format!("{} {} {:.0}%", c.node_id, c.channel, c.share * 100.0))
-        .collect();
-    format!(
-        "{}  {:<8} {:<8} score {:>7.2} / {:.2}  {}",
-        utc(e.window_end_ms),
-        e.cell_id,
-        e.severity.as_str(),
-        e.score,
-        e.threshold,
-        contributors.join(", ")
-    )
 }
 
 /// Runs the demo until `options.duration` passes or `cancel` fires, then drains and summarises.
@@ -306,36 +283,30 @@ pub async fn run(
 
 /// Reads the anomaly topic from the beginning, printing each event, until `stop`.
 async fn tail(
-    mut client: ClientConfig,
+    client: ClientConfig,
     topic: String,
     format: WireFormat,
     verbose: bool,
     seen: Arc<AtomicUsize>,
     stop: CancellationToken,
 ) -> anyhow::Result<Vec<AnomalyEvent>> {
-    client
-        .set("group.id", "gridwatch-demo-tail")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false");
-    let consumer: StreamConsumer = client.create()?;
-    consumer.subscribe(&[&topic])?;
-    let codec = Codec::new(RecordKind::AnomalyEvent, format);
     let mut events = Vec::new();
-    loop {
-        let message = tokio::select! {
-            _ = stop.cancelled() => break,
-            m = consumer.recv() => m?,
-        };
-        let Some(payload) = message.payload() else {
-            continue;
-        };
-        let event = AnomalyEvent::from_value(&codec.decode(payload)?)?;
-        if verbose {
-            println!("{}", event_line(&event));
-        }
-        events.push(event);
-        seen.store(events.len(), Ordering::Release);
-    }
+    tail::follow(
+        client,
+        &topic,
+        format,
+        true,
+        &tail::Filter::default(),
+        stop,
+        |event| {
+            if verbose {
+                println!("{}", tail::event_line(&event));
+            }
+            events.push(event);
+            seen.store(events.len(), Ordering::Release);
+        },
+    )
+    .await?;
     Ok(events)
 }
 
@@ -381,8 +352,8 @@ pub fn summary_text(s: &DemoSummary) -> String {
         }
     ));
     out.push_str(&format!(
-        "windows scored      {} in {} batches ({} skipped as too sparse)\n",
-        s.stats.windows_scored, s.stats.inference_batches, s.stats.windows_sparse
+        "windows scored      {} in {} batches ({} skipped: warm-up or too sparse)\n",
+        s.stats.windows_scored, s.stats.inference_batches, s.stats.windows_skipped
     ));
     out.push_str(&format!(
         "events published    {} ({})\n",

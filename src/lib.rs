@@ -14,7 +14,8 @@
 //!
 //! At the edges: [`schema`] (Avro schemas and wire framing), [`config`] (TOML + environment),
 //! [`telemetry`] (logging and counters), [`admin`] (metrics and health endpoints), [`cli`] (the command line), and the demo plant:
-//! [`simulate`] (the plant simulator as a producer) and [`demo`] (everything on an in-process
+//! [`simulate`] (the plant simulator as a producer), [`tail`] (the anomaly topic for people) and
+//! [`demo`] (everything on an in-process
 //! mock cluster).
 
 pub mod admin;
@@ -31,4 +32,5 @@ pub mod schema;
 pub mod simulate;
 pub mod sink;
 pub mod source;
+pub mod tail;
 pub mod telemetry;

@@ -4,7 +4,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = gridwatch::cli::Cli::parse();
-    gridwatch::telemetry::init_logging(cli.log_format, &cli.log_level);
+    gridwatch::telemetry::init_logging(cli.log_format, &cli.log_filter());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

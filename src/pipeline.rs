@@ -43,7 +43,7 @@ const MAX_IN_FLIGHT: usize = 512;
 /// librdkafka client configuration from `[kafka]`.
 pub fn client_config(config: &Config) -> ClientConfig {
     let mut client = ClientConfig::new();
-    for (key, value) in &config.kafka {
+    for (key, value) in config.kafka.iter() {
         client.set(key, value);
     }
     client
@@ -152,7 +152,9 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + config.registry.load_timeout;
     while !registry.is_loaded() {
         if registry_task.is_finished() {
-            registry_task.await??;
+            registry_task
+                .await?
+                .map_err(|e| e.context("the spatial-node reader failed"))?;
             anyhow::bail!("the spatial-node reader stopped before the registry was loaded");
         }
         if tokio::time::Instant::now() > deadline {
@@ -439,7 +441,7 @@ impl Ingest {
                         .await?;
                 }
             }
-            telemetry::windows_closed(&self.stats, closed.emitted, closed.sparse);
+            telemetry::windows_closed(&self.stats, closed.emitted, closed.sparse, closed.warmup);
             self.emit().await?;
         }
         Ok(())

@@ -144,11 +144,15 @@ impl Registry {
         topic: String,
         cancel: CancellationToken,
     ) -> anyhow::Result<()> {
+        // librdkafka wants a group id even for a plain `assign`; this consumer never joins or
+        // commits to it, so every instance can share it.
         client
+            .set("group.id", "gridwatch-registry")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest");
         let consumer: StreamConsumer = client.create()?;
+        tracing::debug!(topic, "Fetching spatial-node topic metadata.");
         let metadata = tokio::task::block_in_place(|| {
             consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))
         })?;
@@ -174,6 +178,7 @@ impl Registry {
             }
         }
         consumer.assign(&assignment)?;
+        tracing::debug!(topic, ?remaining, "Reading the spatial-node topic.");
         if remaining.is_empty() {
             self.mark_loaded();
         }
@@ -183,7 +188,14 @@ impl Registry {
                 message = consumer.recv() => message,
             };
             let message = match message {
-                Ok(m) => m,
+                Ok(m) => {
+                    tracing::trace!(
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        "Node record."
+                    );
+                    m
+                }
                 Err(error) => {
                     tracing::warn!(%error, "Spatial-node consumer error; retrying.");
                     continue;

@@ -45,7 +45,7 @@ pub struct Stats {
     pub dead_lettered: [AtomicU64; DeadLetterReason::ALL.len()],
     pub dropped: AtomicU64,
     pub windows_emitted: AtomicU64,
-    pub windows_sparse: AtomicU64,
+    pub windows_skipped: AtomicU64,
     pub windows_scored: AtomicU64,
     pub inference_batches: AtomicU64,
     pub events_published: [AtomicU64; Severity::ALL.len()],
@@ -85,7 +85,7 @@ impl Stats {
             dead_lettered: self.dead_lettered_total(),
             dropped: get(&self.dropped),
             windows_emitted: get(&self.windows_emitted),
-            windows_sparse: get(&self.windows_sparse),
+            windows_skipped: get(&self.windows_skipped),
             windows_scored: get(&self.windows_scored),
             inference_batches: get(&self.inference_batches),
             events_published: self.events_total(),
@@ -103,7 +103,7 @@ pub struct StatsSnapshot {
     pub dead_lettered: u64,
     pub dropped: u64,
     pub windows_emitted: u64,
-    pub windows_sparse: u64,
+    pub windows_skipped: u64,
     pub windows_scored: u64,
     pub inference_batches: u64,
     pub events_published: u64,
@@ -165,14 +165,17 @@ pub fn node_record_rejected(partition: i32, offset: i64, error: &dyn std::fmt::D
     tracing::warn!(partition, offset, error = %error, "Refused a spatial-node record.");
 }
 
-pub fn windows_closed(stats: &Stats, emitted: usize, sparse: usize) {
+pub fn windows_closed(stats: &Stats, emitted: usize, sparse: usize, warmup: usize) {
     if emitted > 0 {
         bump(&stats.windows_emitted, emitted as u64);
         metrics::counter!("gridwatch_windows_emitted_total").increment(emitted as u64);
     }
-    if sparse > 0 {
-        bump(&stats.windows_sparse, sparse as u64);
-        metrics::counter!("gridwatch_windows_sparse_total").increment(sparse as u64);
+    for (reason, n) in [("sparse", sparse), ("warmup", warmup)] {
+        if n > 0 {
+            bump(&stats.windows_skipped, n as u64);
+            metrics::counter!("gridwatch_windows_skipped_total", "reason" => reason)
+                .increment(n as u64);
+        }
     }
 }
 

@@ -60,8 +60,10 @@ impl Feed {
 #[test]
 fn buckets_average_and_normalise_with_a_mask() {
     let mut feed = Feed::new(spec(0));
-    // Steps 0..4 for node a; node b only reports temperature at steps 1 and 3.
-    for s in 0..4 {
+    // Node a at step 3 opens the cell's history; windows starting at step 4 are whole.
+    feed.add(reading("a", 3_000, &[("current", 0.0)]));
+    // Steps 4..8 for node a; node b only reports temperature at steps 5 and 7.
+    for s in 4..8 {
         feed.add(reading(
             "a",
             s * 1_000,
@@ -72,23 +74,23 @@ fn buckets_average_and_normalise_with_a_mask() {
             feed.add(reading("b", s * 1_000 + 10, &[("temperature", 40.0)]));
         }
     }
-    // The watermark is at 3.51 s: steps 0..3 closed, so only the window ending at step 2
-    // (steps -2..2) is out.
+    // The watermark is at 7.51 s: steps below 7 closed. Windows ending at 4 and 6 begin before
+    // the history is whole (warm-up), so nothing is out yet.
+    assert_eq!(feed.windows.len(), 0);
+    // Move time to 8 s: step 7 closes and the window [4, 8) is emitted.
+    feed.add(reading("a", 8_000, &[("current", 9.0)]));
     assert_eq!(feed.windows.len(), 1);
-    // Move time to 4 s: step 3 closes and the window [0, 4) is emitted.
-    feed.add(reading("a", 4_000, &[("current", 9.0)]));
-    assert_eq!(feed.windows.len(), 2);
-    let w = &feed.windows[1];
-    assert_eq!((w.start_ms, w.end_ms), (0, 4_000));
+    let w = &feed.windows[0];
+    assert_eq!((w.start_ms, w.end_ms), (4_000, 8_000));
     assert_eq!(w.nodes, vec![Arc::<str>::from("a"), Arc::from("b")]);
     // [T=4][N=2][F=2]
     let at =
         |t: usize, n: usize, f: usize| (w.values[t * 4 + n * 2 + f], w.mask[t * 4 + n * 2 + f]);
     // Node a temperature: mean of 60 and 70 = 65 -> (65 - 50) / 10 = 1.5.
     assert_eq!(at(0, 0, 0), (1.5, 1.0));
-    // Node a current at step 2 is 2.0 (one reading; the 500 ms reading had no current).
-    assert_eq!(at(2, 0, 1), (2.0, 1.0));
-    // Node b: observed at step 1 only for temperature; current never observed.
+    // Node a current at step 6 is 6.0 (one reading; the 500 ms reading had no current).
+    assert_eq!(at(2, 0, 1), (6.0, 1.0));
+    // Node b: observed at steps 5 and 7 for temperature only; current never observed.
     assert_eq!(at(0, 1, 0), (0.0, 0.0));
     assert_eq!(at(1, 1, 0), (-1.0, 1.0));
     assert_eq!(at(1, 1, 1), (0.0, 0.0));
@@ -99,6 +101,7 @@ fn buckets_average_and_normalise_with_a_mask() {
 #[test]
 fn readings_behind_the_watermark_are_late_and_change_nothing() {
     let mut feed = Feed::new(spec(1_500));
+    feed.add(reading("a", 0, &[("current", 1.0)]));
     feed.add(reading("a", 10_000, &[("current", 1.0)]));
     // Watermark 8.5 s: steps below 8 are closed.
     assert_eq!(
@@ -113,10 +116,16 @@ fn readings_behind_the_watermark_are_late_and_change_nothing() {
         feed.add(reading("a", 8_000, &[("current", 1.0)])),
         Admission::Accepted { .. }
     ));
-    // A late reading did not move the clock backwards or forwards.
+    // History is whole from step 3 (first reading + 2 lateness steps + 1): window [4, 8) went out
+    // when step 7 closed; the late reading changed nothing, and 11.6 s closes [6, 10).
     feed.add(reading("a", 11_600, &[("current", 1.0)]));
     let ends: Vec<i64> = feed.windows.iter().map(|w| w.end_ms).collect();
-    assert_eq!(ends, vec![10_000]);
+    assert_eq!(ends, vec![8_000, 10_000]);
+    assert_eq!(
+        feed.windows[0].mask.iter().sum::<f32>(),
+        0.0,
+        "the late 7.999 s reading is not in [4, 8)"
+    );
 }
 
 #[test]
@@ -126,11 +135,11 @@ fn windows_are_aligned_to_the_epoch_and_hop() {
         feed.add(reading("a", s * 1_000, &[("current", 1.0)]));
     }
     let ends: Vec<i64> = feed.windows.iter().map(|w| w.end_ms / 1_000).collect();
-    // Data starts at step 3, closed up to 19: window ends 4, 6, ..., 18.
-    assert_eq!(ends, vec![4, 6, 8, 10, 12, 14, 16, 18]);
-    // Each window has four steps; the first holds one observed entry of eight (step 3, current).
-    assert_eq!(feed.windows[0].start_ms, 0);
-    assert!((feed.windows[0].missing_fraction - 7.0 / 8.0).abs() < 1e-12);
+    // Data starts at step 3, so history is whole from step 4; closed up to 19: ends 8, ..., 18.
+    assert_eq!(ends, vec![8, 10, 12, 14, 16, 18]);
+    // Each window has four steps; only current is ever observed.
+    assert_eq!(feed.windows[0].start_ms, 4_000);
+    assert!((feed.windows[0].missing_fraction - 0.5).abs() < 1e-12);
 }
 
 #[test]
@@ -171,16 +180,18 @@ fn sparse_windows_are_skipped() {
         min_observed_fraction: 0.6,
         ..spec(0)
     });
-    for s in 0..8 {
+    // Step 0, then a gap until step 5.
+    feed.add(reading("a", 0, &[("current", 1.0), ("temperature", 50.0)]));
+    for s in 5..13 {
         feed.add(reading(
             "a",
             s * 1_000,
             &[("current", 1.0), ("temperature", 50.0)],
         ));
     }
-    // Window ending at 2 covers steps -2..2: half observed, skipped. Ends 4 and 6 are full.
+    // [2, 6) holds one observed step of four: skipped. [4, 8) holds three: emitted.
     let ends: Vec<i64> = feed.windows.iter().map(|w| w.end_ms / 1_000).collect();
-    assert_eq!(ends, vec![4, 6]);
+    assert_eq!(ends, vec![8, 10, 12]);
 }
 
 #[test]
@@ -189,11 +200,11 @@ fn holds_and_low_water_track_source_offsets() {
     for s in 0..7 {
         feed.add(reading("a", s * 1_000, &[("current", 1.0)]));
     }
-    // Offsets equal steps here. Closed below 6; windows ending 2, 4, 6 emitted.
+    // Offsets equal steps here. Closed below 6; only [2, 6) is past the warm-up.
     let holds: Vec<_> = feed.windows.iter().map(|w| w.holds.clone()).collect();
-    assert_eq!(holds, vec![vec![(0, 0)], vec![(0, 0)], vec![(0, 2)]]);
-    // The next window [4, 8) still needs steps 4 and up.
-    assert_eq!(feed.assembler.low_water().get(&0), Some(&4));
+    assert_eq!(holds, vec![vec![(0, 2)]]);
+    // The next window [4, 8) needs steps 4 and up, and its one-step warm-up margin, step 3.
+    assert_eq!(feed.assembler.low_water().get(&0), Some(&3));
 }
 
 #[test]

@@ -162,6 +162,9 @@ impl Plant {
         let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
         let lines = (0..spec.lines)
             .map(|l| {
+                let phase = rng.random::<f64>() * std::f64::consts::TAU;
+                // The plant is already running: temperatures start at their steady state.
+                let load0 = 0.7 + 0.2 * phase.sin();
                 let machines = (0..spec.machines_per_line)
                     .map(|m| Machine {
                         node_id: node_id(l, m),
@@ -169,7 +172,7 @@ impl Plant {
                         temperature0: 55.0 + 10.0 * rng.random::<f64>(),
                         pressure0: 4.0 + 1.0 * rng.random::<f64>(),
                         current0: 20.0 + 8.0 * rng.random::<f64>(),
-                        thermal: 0.0,
+                        thermal: load0,
                     })
                     .collect();
                 let next_fault_step = spec
@@ -177,7 +180,7 @@ impl Plant {
                     .map(|mean| spec.warmup_steps + gap(&mut rng, mean));
                 Line {
                     cell_id: cell_id(l),
-                    phase: rng.random::<f64>() * std::f64::consts::TAU,
+                    phase,
                     disturbance: 0.0,
                     machines,
                     next_fault_step,

@@ -1,0 +1,184 @@
+//! tail: the anomaly topic, read back for people (`gridwatch tail`, the demo's live view).
+//!
+//! Invariant: tail only reads. It uses its own consumer group and never commits, so it cannot
+//! disturb the SOC consumers or gridwatch itself; events it cannot decode are reported and
+//! skipped, never fatal.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::schema::{AnomalyEvent, Codec, RecordKind, Severity, WireFormat};
+
+/// Which events to show.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only events at or above this severity.
+    pub min_severity: Option<Severity>,
+    /// Only events of these cells (empty: all).
+    pub cells: Vec<String>,
+}
+
+impl Filter {
+    pub fn accepts(&self, event: &AnomalyEvent) -> bool {
+        self.min_severity.is_none_or(|min| event.severity >= min)
+            && (self.cells.is_empty() || self.cells.iter().any(|c| *c == event.cell_id))
+    }
+}
+
+/// `ms` since the epoch as an RFC 3339 UTC time, to the second.
+pub fn utc(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// One readable line for an event: window end, cell, severity, score vs threshold, top
+/// contributors.
+pub fn event_line(e: &AnomalyEvent) -> String {
+    let contributors: Vec<String> = e
+        .contributors
+        .iter()
+        .map(|c| format!("{} {} {:.0}%", c.node_id, c.channel, c.share * 100.0))
+        .collect();
+    format!(
+        "{}  {:<8} {:<8} score {:>7.2} / {:.2}  {}",
+        utc(e.window_end_ms),
+        e.cell_id,
+        e.severity.as_str(),
+        e.score,
+        e.threshold,
+        contributors.join(", ")
+    )
+}
+
+/// An event as one JSON object, for scripts.
+pub fn event_json(e: &AnomalyEvent) -> String {
+    let contributors: Vec<serde_json::Value> = e
+        .contributors
+        .iter()
+        .map(|c| {
+            serde_json::json!({"node_id": c.node_id, "channel": c.channel, "share": c.share, "score": c.score})
+        })
+        .collect();
+    serde_json::json!({
+        "event_id": e.event_id,
+        "cell_id": e.cell_id,
+        "window_start": utc(e.window_start_ms),
+        "window_end": utc(e.window_end_ms),
+        "score": e.score,
+        "threshold": e.threshold,
+        "severity": e.severity.as_str(),
+        "contributors": contributors,
+        "model": format!("{}/{}", e.model_name, e.model_version),
+        "missing_fraction": e.missing_fraction,
+        "node_count": e.node_count,
+    })
+    .to_string()
+}
+
+/// A number unique within this process, so every tail gets its own throw-away group.
+fn tail_instance() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 1_000_000_000 + nanos
+}
+
+/// Follows `topic` (from the beginning when `from_beginning`, else from its end), calling
+/// `on_event` for every event the filter accepts, until `stop` fires.
+pub async fn follow(
+    mut client: ClientConfig,
+    topic: &str,
+    format: WireFormat,
+    from_beginning: bool,
+    filter: &Filter,
+    stop: CancellationToken,
+    mut on_event: impl FnMut(AnomalyEvent),
+) -> anyhow::Result<()> {
+    let group = format!("gridwatch-tail-{}-{}", std::process::id(), tail_instance());
+    client
+        .set("group.id", group)
+        .set(
+            "auto.offset.reset",
+            if from_beginning { "earliest" } else { "latest" },
+        )
+        .set("enable.auto.commit", "false");
+    let consumer: StreamConsumer = client.create()?;
+    consumer.subscribe(&[topic])?;
+    let codec = Codec::new(RecordKind::AnomalyEvent, format);
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            m = consumer.recv() => m?,
+        };
+        let Some(payload) = message.payload() else {
+            continue;
+        };
+        let decoded = codec
+            .decode(payload)
+            .map_err(anyhow::Error::from)
+            .and_then(|v| Ok(AnomalyEvent::from_value(&v)?));
+        match decoded {
+            Ok(event) if filter.accepts(&event) => on_event(event),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(
+                partition = message.partition(),
+                offset = message.offset(),
+                %error,
+                "Skipped an undecodable event."
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(cell: &str, severity: Severity) -> AnomalyEvent {
+        AnomalyEvent {
+            event_id: "id".into(),
+            cell_id: cell.into(),
+            window_start_ms: 0,
+            window_end_ms: 16_000,
+            detected_at_ms: 16_000,
+            score: 12.5,
+            threshold: 10.0,
+            severity,
+            contributors: vec![crate::schema::Contributor {
+                node_id: "n1".into(),
+                channel: "temperature".into(),
+                share: 0.8,
+                score: 12.5,
+            }],
+            model_name: "m".into(),
+            model_version: "1".into(),
+            model_hash: "h".into(),
+            missing_fraction: 0.0,
+            node_count: 1,
+        }
+    }
+
+    #[test]
+    fn filters_by_severity_and_cell() {
+        let f = Filter {
+            min_severity: Some(Severity::High),
+            cells: vec!["a".into()],
+        };
+        assert!(f.accepts(&event("a", Severity::Critical)));
+        assert!(!f.accepts(&event("a", Severity::Medium)));
+        assert!(!f.accepts(&event("b", Severity::Critical)));
+        assert!(Filter::default().accepts(&event("b", Severity::Low)));
+    }
+
+    #[test]
+    fn a_line_says_when_where_how_bad_and_who() {
+        assert_eq!(
+            event_line(&event("line-1", Severity::Low)),
+            "1970-01-01T00:00:16Z  line-1   LOW      score   12.50 / 10.00  n1 temperature 80%"
+        );
+    }
+}
