@@ -14,8 +14,8 @@
 //!   once, when step `e−1` closes, unless it begins before the cell's history is whole on this
 //!   instance (within the allowed lateness plus one step of the earliest reading it accepted for
 //!   the cell): after a start, or a restart from committed offsets, no window with a truncated
-//!   history is emitted. It is a `[T × N × F]` tensor of per-step means of normalised
-//!   values plus a mask that is 1 exactly where something was observed; unobserved entries are 0
+//!   history is emitted. It is a `[T × N × F]` tensor of per-step means of the raw values
+//!   (physical units; normalisation belongs to the model that scores them) plus a mask that is 1 exactly where something was observed; unobserved entries are 0
 //!   in the values and 0 in the mask, never a silent zero reading.
 //! - A step is kept until no future window needs it, nor the warm-up margin before the next
 //!   window (so a restart from committed offsets can emit that window whole). [`Assembler::low_water`] is the least
@@ -47,8 +47,6 @@ pub struct AssembleSpec {
     pub hop_steps: usize,
     /// Channel names in model order (F).
     pub channels: Vec<String>,
-    /// Per channel `(mean, std)` used to normalise values.
-    pub normalisation: Vec<(f64, f64)>,
     pub allowed_lateness_ms: i64,
     /// Most nodes one cell may hold.
     pub max_nodes: usize,
@@ -74,7 +72,7 @@ pub struct Window {
     pub end_ms: i64,
     /// Node of each slot of the N axis.
     pub nodes: Vec<Arc<str>>,
-    /// `[T × N × F]`, row-major, normalised; 0 where unobserved.
+    /// `[T × N × F]`, row-major, per-step means in physical units; 0 where unobserved.
     pub values: Vec<f32>,
     /// `[T × N × F]`, 1 where observed.
     pub mask: Vec<f32>,
@@ -116,7 +114,7 @@ pub struct Closed {
 
 #[derive(Debug, Default)]
 struct Step {
-    /// Sum of normalised values, `[N × F]`, grown as nodes join.
+    /// Sum of values, `[N × F]`, grown as nodes join.
     sum: Vec<f32>,
     count: Vec<u16>,
     /// Least offset per partition among this step's readings.
@@ -176,7 +174,6 @@ pub struct Assembler {
 impl Assembler {
     pub fn new(spec: AssembleSpec) -> Self {
         assert!(spec.cadence_ms > 0 && spec.window_steps > 0 && spec.hop_steps > 0);
-        assert_eq!(spec.channels.len(), spec.normalisation.len());
         Self {
             spec,
             cells: DashMap::new(),
@@ -252,8 +249,7 @@ impl Assembler {
             .iter()
             .filter_map(|(name, value)| {
                 let f = self.spec.channels.iter().position(|c| c == name)?;
-                let (mean, std) = self.spec.normalisation[f];
-                Some((f, ((value - mean) / std) as f32))
+                Some((f, *value as f32))
             })
             .collect();
         let ignored = reading.values.len() - features.len();

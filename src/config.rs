@@ -210,6 +210,10 @@ pub struct ModelConfig {
     pub execution_provider: ExecutionProvider,
     /// Threads ONNX Runtime may use inside one inference.
     pub intra_threads: usize,
+    /// How often the contract and its ONNX file are checked for a new model (SIGHUP checks at
+    /// once). A new model that passes its checks takes over at the next batch; "0s" disables.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
 }
 
 impl Default for ModelConfig {
@@ -219,6 +223,7 @@ impl Default for ModelConfig {
             onnxruntime_library: None,
             execution_provider: ExecutionProvider::Cpu,
             intra_threads: 1,
+            reload_interval: Duration::from_secs(10),
         }
     }
 }

@@ -3,7 +3,8 @@
 //! Invariants:
 //! - The score is the model contract's formula, nothing else: for each node `n` and channel
 //!   `c`, `e[n,c]` is the mean over the last `scored_steps` steps where `(t,n,c)` was observed of
-//!   `(reconstruction − value)² / error_scale[c]`; entries never observed there are left out;
+//!   `(reconstruction − normalised value)² / error_scale[c]`, normalised with the contract's
+//!   channel statistics; entries never observed there are left out;
 //!   the window's score is the largest `e[n,c]`. A window with no observed scored entry scores 0.
 //! - An event is emitted iff `score ≥ threshold`. Its id is a function of (model name, model
 //!   version, cell, window end) only, and every other field is a function of the window and the
@@ -50,6 +51,8 @@ pub struct Detector {
     model_version: String,
     model_hash: String,
     channels: Vec<String>,
+    /// Per channel `(mean, std)`: values are compared with the reconstruction in model units.
+    normalisation: Vec<(f64, f64)>,
     error_scale: Vec<f64>,
     window_steps: usize,
     scored_steps: usize,
@@ -64,6 +67,7 @@ impl Detector {
             model_version: contract.version.clone(),
             model_hash: contract.onnx_sha256.clone(),
             channels: contract.channels.iter().map(|c| c.name.clone()).collect(),
+            normalisation: contract.channels.iter().map(|c| (c.mean, c.std)).collect(),
             error_scale: contract.calibration.error_scale.clone(),
             window_steps: contract.window_steps,
             scored_steps: contract.scored_steps,
@@ -71,6 +75,13 @@ impl Detector {
                 * config.threshold_scale,
             top_contributors: config.top_contributors,
         }
+    }
+
+    /// Whether this detector was built for `contract` (same name, version and file hash).
+    pub fn is_for(&self, contract: &ModelContract) -> bool {
+        self.model_name == contract.name
+            && self.model_version == contract.version
+            && self.model_hash == contract.onnx_sha256
     }
 
     pub fn threshold(&self) -> f64 {
@@ -87,7 +98,9 @@ impl Detector {
             for i in 0..n * f {
                 let at = t * n * f + i;
                 if window.mask[at] > 0.0 {
-                    let diff = f64::from(reconstruction[at]) - f64::from(window.values[at]);
+                    let (mean, std) = self.normalisation[i % f];
+                    let value = (f64::from(window.values[at]) - mean) / std;
+                    let diff = f64::from(reconstruction[at]) - value;
                     sums[i] += diff * diff / self.error_scale[i % f];
                     counts[i] += 1;
                 }

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
-use crate::config::{BadInputPolicy, Config};
+use crate::config::{BadInputPolicy, Config, DetectConfig};
 use crate::decode::{self, Decoder, PayloadKind};
 use crate::detect::Detector;
 use crate::infer::{self, Inferred, Model};
@@ -98,7 +98,6 @@ pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
         window_steps: contract.window_steps,
         hop_steps: contract.scored_steps,
         channels: contract.channels.iter().map(|c| c.name.clone()).collect(),
-        normalisation: contract.channels.iter().map(|c| (c.mean, c.std)).collect(),
         allowed_lateness_ms: config.assemble.allowed_lateness.as_millis() as i64,
         max_nodes: contract.max_nodes,
         min_observed_fraction: config.assemble.min_observed_fraction,
@@ -201,11 +200,23 @@ pub async fn run(
     let (letters_tx, letters_rx) = mpsc::channel::<PendingLetter>(capacity);
     let failed = CancellationToken::new();
 
+    let (reload_tx, reload_rx) = mpsc::channel::<Model>(1);
+    let watcher = (!config.model.reload_interval.is_zero()).then(|| {
+        tokio::spawn(infer::watch(
+            config.model.contract.clone(),
+            config.model.clone(),
+            config.model.reload_interval,
+            Arc::clone(&loaded.model.contract),
+            reload_tx,
+            cancel.child_token(),
+        ))
+    });
     let infer_stats = Arc::clone(&stats);
     let infer_task = tokio::spawn(infer::run_batches(
         loaded.model,
         windows_rx,
         inferred_tx,
+        reload_rx,
         config.infer.max_batch,
         config.infer.max_wait,
         move |n, seconds| telemetry::batch_inferred(&infer_stats, n, seconds),
@@ -213,6 +224,7 @@ pub async fn run(
     let publish_task = tokio::spawn(publish_events(
         inferred_rx,
         loaded.detector,
+        config.detect.clone(),
         Arc::clone(&sink),
         Arc::clone(&ledger),
         Arc::clone(&stats),
@@ -271,6 +283,9 @@ pub async fn run(
     // Whatever happened, the ledger only allows offsets whose effects are durable.
     let report = commit(&consumer, &ledger, &assembler, &partitions, &stats, true);
     registry_task.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     consumer.unsubscribe();
     health.set_assigned_partitions(0);
     ingest_result?;
@@ -515,7 +530,8 @@ struct PendingLetter {
 /// is acknowledged (or at once when it has none).
 async fn publish_events(
     mut input: mpsc::Receiver<Vec<Inferred>>,
-    detector: Detector,
+    mut detector: Detector,
+    detect: DetectConfig,
     sink: Arc<Sink>,
     ledger: Arc<Mutex<OffsetLedger>>,
     stats: Arc<Stats>,
@@ -532,7 +548,11 @@ async fn publish_events(
         tokio::select! {
             batch = input.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
                 let Some(batch) = batch else { break };
-                for Inferred { window, reconstruction } in batch {
+                for Inferred { window, reconstruction, model } in batch {
+                    // Each window is judged by the model that scored it.
+                    if !detector.is_for(&model) {
+                        detector = Detector::new(&model, &detect);
+                    }
                     let (score, event) = detector.detect(&window, &reconstruction);
                     telemetry::window_scored(score.score);
                     match event {

@@ -294,3 +294,20 @@ pub fn commit_result(ok: bool, error: Option<&dyn std::fmt::Display>) {
         tracing::warn!(error = %error, "Offset commit failed.");
     }
 }
+
+/// A model reload was attempted: `loaded` names the new model, or the refusal says why.
+pub fn model_reload(loaded: bool, what: &str, error: Option<&dyn std::fmt::Display>) {
+    let result = if loaded { "loaded" } else { "rejected" };
+    metrics::counter!("gridwatch_model_reloads_total", "result" => result).increment(1);
+    match error {
+        None => tracing::info!(
+            model = what,
+            "Loaded a new model; it takes over at the next batch."
+        ),
+        Some(error) => tracing::error!(
+            contract = what,
+            error = %error,
+            "Refused a new model; the current model keeps running."
+        ),
+    }
+}

@@ -4,7 +4,9 @@
 //! and `NAME.golden.json`, a small batch (two windows of up to three nodes, one padded node,
 //! missing entries, one planted anomaly) with ONNX Runtime's output and the scores computed in
 //! Python by the contract's formula. Here the same inputs go through gridwatch's own padding,
-//! session and scoring, which must agree within the file's tolerance.
+//! session and scoring, which must agree within the file's tolerance. The windows are built from
+//! the golden file's raw (physical) values, as the assembler builds them, so gridwatch's own
+//! normalisation is checked too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -101,7 +103,8 @@ fn golden_vectors_agree_with_ort_padding_and_scoring() {
             shape["nodes"].as_u64().unwrap() as usize,
             shape["channels"].as_u64().unwrap() as usize,
         );
-        let values = floats(&golden["inputs"]["values"]);
+        // gridwatch windows hold physical units; the model normalises them itself.
+        let raw = floats(&golden["raw_values"]);
         let mask = floats(&golden["inputs"]["mask"]);
         let node_mask = floats(&golden["inputs"]["node_mask"]);
         let expected = floats(&golden["outputs"]["reconstruction"]);
@@ -128,8 +131,13 @@ fn golden_vectors_agree_with_ort_padding_and_scoring() {
                     for ni in 0..n {
                         for fi in 0..f {
                             let at = ((wi * t + ti) * n_max + ni) * f + fi;
-                            w.values.push(values[at].unwrap() as f32);
-                            w.mask.push(mask[at].unwrap() as f32);
+                            let observed = mask[at].unwrap() as f32;
+                            w.values.push(if observed > 0.0 {
+                                raw[at].unwrap() as f32
+                            } else {
+                                0.0
+                            });
+                            w.mask.push(observed);
                         }
                     }
                 }

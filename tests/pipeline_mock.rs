@@ -514,3 +514,56 @@ async fn graceful_stop_and_restart_lose_nothing() {
     drop(producer);
     drop(cluster);
 }
+
+/// A shutdown that cannot drain within `[pipeline] shutdown_timeout` is an error (the binary
+/// exits non-zero), and still commits only what was complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_shutdown_deadline_is_an_error() {
+    gridwatch::telemetry::init_logging(Default::default(), "warn");
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    cluster.create_topic(READINGS, 2, 1).unwrap();
+    cluster.create_topic(NODES, 1, 1).unwrap();
+    cluster.create_topic("anomalies", 2, 1).unwrap();
+    cluster.create_topic("gridwatch-dlq", 1, 1).unwrap();
+    let mut config = config(&bootstrap);
+    config.pipeline.shutdown_timeout = Duration::ZERO;
+    let producer: FutureProducer = common::client(&bootstrap).create().unwrap();
+    let nodes = Codec::new(RecordKind::SpatialNode, WireFormat::Plain);
+    for node in simulate::node_records(&plant()) {
+        common::produce(
+            &producer,
+            NODES,
+            &node.node_id,
+            &nodes.encode(&node.to_value()).unwrap(),
+        )
+        .await;
+    }
+    let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
+    for cells in steps() {
+        for (cell, readings) in &cells {
+            common::produce(
+                &producer,
+                READINGS,
+                cell,
+                &batches.encode(&records::batch_to_value(readings)).unwrap(),
+            )
+            .await;
+        }
+    }
+    let (stats, cancel, task) = start(&config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while stats.snapshot().windows_emitted < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stalled: {:?}",
+            stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    cancel.cancel();
+    let error = task.await.unwrap().unwrap_err().to_string();
+    assert!(error.contains("shutdown_timeout"), "{error}");
+    drop(producer);
+    drop(cluster);
+}

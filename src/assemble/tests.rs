@@ -9,8 +9,6 @@ fn spec(lateness_ms: i64) -> AssembleSpec {
         window_steps: 4,
         hop_steps: 2,
         channels: vec!["temperature".into(), "current".into()],
-        // Normalise temperature as (x - 50) / 10, current unchanged.
-        normalisation: vec![(50.0, 10.0), (0.0, 1.0)],
         allowed_lateness_ms: lateness_ms,
         max_nodes: 3,
         min_observed_fraction: 0.0,
@@ -58,7 +56,7 @@ impl Feed {
 }
 
 #[test]
-fn buckets_average_and_normalise_with_a_mask() {
+fn buckets_average_with_a_mask() {
     let mut feed = Feed::new(spec(0));
     // Node a at step 3 opens the cell's history; windows starting at step 4 are whole.
     feed.add(reading("a", 3_000, &[("current", 0.0)]));
@@ -86,13 +84,13 @@ fn buckets_average_and_normalise_with_a_mask() {
     // [T=4][N=2][F=2]
     let at =
         |t: usize, n: usize, f: usize| (w.values[t * 4 + n * 2 + f], w.mask[t * 4 + n * 2 + f]);
-    // Node a temperature: mean of 60 and 70 = 65 -> (65 - 50) / 10 = 1.5.
-    assert_eq!(at(0, 0, 0), (1.5, 1.0));
+    // Node a temperature: mean of 60 and 70.
+    assert_eq!(at(0, 0, 0), (65.0, 1.0));
     // Node a current at step 6 is 6.0 (one reading; the 500 ms reading had no current).
     assert_eq!(at(2, 0, 1), (6.0, 1.0));
     // Node b: observed at steps 5 and 7 for temperature only; current never observed.
     assert_eq!(at(0, 1, 0), (0.0, 0.0));
-    assert_eq!(at(1, 1, 0), (-1.0, 1.0));
+    assert_eq!(at(1, 1, 0), (40.0, 1.0));
     assert_eq!(at(1, 1, 1), (0.0, 0.0));
     // 16 entries: a has 8, b has 2 observed.
     assert!((w.missing_fraction - 6.0 / 16.0).abs() < 1e-12);

@@ -179,6 +179,45 @@ impl ModelContract {
         Ok(())
     }
 
+    /// Whether `next` can replace this model in a running pipeline: the assembler's windows
+    /// (cadence, length, hop, channels) must fit it unchanged.
+    pub fn compatible_with(&self, next: &ModelContract) -> Result<(), String> {
+        let names = |c: &ModelContract| {
+            c.channels
+                .iter()
+                .map(|ch| ch.name.clone())
+                .collect::<Vec<_>>()
+        };
+        if self.cadence_ms != next.cadence_ms
+            || self.window_steps != next.window_steps
+            || self.scored_steps != next.scored_steps
+        {
+            return Err(format!(
+                "window geometry changed (cadence {} -> {} ms, steps {} -> {}, scored {} -> {}); restart gridwatch to use it",
+                self.cadence_ms,
+                next.cadence_ms,
+                self.window_steps,
+                next.window_steps,
+                self.scored_steps,
+                next.scored_steps
+            ));
+        }
+        if names(self) != names(next) {
+            return Err(format!(
+                "channels changed ({:?} -> {:?}); restart gridwatch to use it",
+                names(self),
+                names(next)
+            ));
+        }
+        if next.max_nodes < self.max_nodes {
+            return Err(format!(
+                "max_nodes shrank ({} -> {}); cells may already hold more nodes",
+                self.max_nodes, next.max_nodes
+            ));
+        }
+        Ok(())
+    }
+
     /// `name/version`, as events and logs show it.
     pub fn label(&self) -> String {
         format!("{}/{}", self.name, self.version)

@@ -10,7 +10,7 @@
 //!   blocking pool, never on an async worker thread.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ort::session::Session;
@@ -111,7 +111,9 @@ pub fn environment(
 
 /// A loaded model: its contract and the session that runs it.
 pub struct Model {
-    pub contract: ModelContract,
+    pub contract: Arc<ModelContract>,
+    /// Per channel `(mean, std)`, from the contract.
+    normalisation: Vec<(f32, f32)>,
     pub onnx_path: PathBuf,
     /// `cpu` or `cuda`: the execution provider actually in use.
     pub provider: &'static str,
@@ -131,8 +133,14 @@ impl Model {
         let session = builder
             .commit_from_file(&onnx_path)
             .map_err(runtime_error)?;
+        let normalisation = contract
+            .channels
+            .iter()
+            .map(|c| (c.mean as f32, c.std as f32))
+            .collect();
         let model = Self {
-            contract,
+            contract: Arc::new(contract),
+            normalisation,
             onnx_path,
             provider,
             session,
@@ -177,8 +185,9 @@ impl Model {
         Ok(())
     }
 
-    /// Runs one batch: pads the node axis to the largest window, returns each window's
-    /// `[T × N × F]` reconstruction (padding removed), in input order.
+    /// Runs one batch: normalises values with the contract's channel statistics (unobserved
+    /// entries stay 0), pads the node axis to the largest window, and returns each window's
+    /// `[T × N × F]` reconstruction in normalised units (padding removed), in input order.
     pub fn run(&mut self, windows: &[Window]) -> Result<Vec<Vec<f32>>, InferError> {
         if windows.is_empty() {
             return Ok(Vec::new());
@@ -199,10 +208,16 @@ impl Model {
             let n = w.node_count();
             debug_assert_eq!(w.values.len(), t * n * f);
             for ti in 0..t {
-                let src = ti * n * f..(ti + 1) * n * f;
+                let src = ti * n * f;
                 let dst = (wi * t + ti) * n_max * f;
-                values[dst..dst + n * f].copy_from_slice(&w.values[src.clone()]);
-                mask[dst..dst + n * f].copy_from_slice(&w.mask[src]);
+                for i in 0..n * f {
+                    let observed = w.mask[src + i];
+                    mask[dst + i] = observed;
+                    if observed > 0.0 {
+                        let (mean, std) = self.normalisation[i % f];
+                        values[dst + i] = (w.values[src + i] - mean) / std;
+                    }
+                }
             }
             node_mask[wi * n_max..wi * n_max + n].fill(1.0);
         }
@@ -273,22 +288,43 @@ fn register_provider(
 pub struct Inferred {
     pub window: Window,
     pub reconstruction: Vec<f32>,
+    /// The contract of the model that scored it (models can be swapped while running).
+    pub model: Arc<ModelContract>,
 }
 
 /// Batches windows from `input` (up to `max_batch`, waiting at most `max_wait` for a batch to
 /// fill), runs each batch on the blocking pool, and sends every window with its reconstruction
-/// to `output`. Returns the model when `input` closes and every window has been sent.
+/// to `output`. A model arriving on `reloads` replaces the current one between two batches, so
+/// no window is dropped and each is scored by exactly one model. Returns the model in use when
+/// `input` closes and every window has been sent.
 pub async fn run_batches(
     mut model: Model,
     mut input: mpsc::Receiver<Window>,
     output: mpsc::Sender<Vec<Inferred>>,
+    mut reloads: mpsc::Receiver<Model>,
     max_batch: usize,
     max_wait: Duration,
     on_batch: impl Fn(usize, f64) + Send + 'static,
 ) -> Result<Model, InferError> {
+    let mut reloads_open = true;
     loop {
-        let Some(first) = input.recv().await else {
-            return Ok(model);
+        let first = tokio::select! {
+            biased;
+            next = reloads.recv(), if reloads_open => {
+                match next {
+                    Some(next) => {
+                        tracing::info!(from = %model.contract.label(), to = %next.contract.label(), "Swapped the model.");
+                        crate::telemetry::model_in_use(&next.contract.name, &next.contract.version, next.provider);
+                        model = next;
+                    }
+                    None => reloads_open = false,
+                }
+                continue;
+            }
+            first = input.recv() => match first {
+                Some(window) => window,
+                None => return Ok(model),
+            },
         };
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + max_wait;
@@ -314,10 +350,99 @@ pub async fn run_batches(
             .map(|(window, reconstruction)| Inferred {
                 window,
                 reconstruction,
+                model: Arc::clone(&model.contract),
             })
             .collect();
         if output.send(inferred).await.is_err() {
             return Ok(model);
+        }
+    }
+}
+
+/// What identifies the model files on disk: the contract's bytes and the ONNX file's size and
+/// modification time.
+fn fingerprint(contract: &Path) -> Option<(Vec<u8>, Option<(u64, std::time::SystemTime)>)> {
+    let bytes = std::fs::read(contract).ok()?;
+    let onnx = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("onnx_file")?.as_str().map(str::to_owned))
+        .and_then(|file| {
+            let meta = std::fs::metadata(contract.parent()?.join(file)).ok()?;
+            Some((meta.len(), meta.modified().ok()?))
+        });
+    Some((bytes, onnx))
+}
+
+/// Watches the model contract at `path`: every `interval`, and at once on SIGHUP, a changed
+/// contract or ONNX file is loaded and checked (contract, hash, session, and the window geometry
+/// the running assembler uses); a model that passes is sent on `reloads`, one that fails is
+/// refused (logged and counted) and the current model keeps running.
+pub async fn watch(
+    path: PathBuf,
+    config: ModelConfig,
+    interval: Duration,
+    current: Arc<ModelContract>,
+    reloads: mpsc::Sender<Model>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut current = current;
+    let mut seen = fingerprint(&path);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let signalled = async {
+            match hangup.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signalled = std::future::pending::<()>();
+        let forced = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => false,
+            _ = signalled => true,
+        };
+        let now = fingerprint(&path);
+        if now == seen && !forced {
+            continue;
+        }
+        seen = now;
+        let (p, c) = (path.clone(), config.clone());
+        let loaded = tokio::task::spawn_blocking(move || Model::load(&p, &c))
+            .await
+            .map_err(|e| InferError::Runtime(e.to_string()))
+            .and_then(|r| r);
+        let checked = loaded.and_then(|model| {
+            if model.contract.name == current.name
+                && model.contract.version == current.version
+                && model.contract.onnx_sha256 == current.onnx_sha256
+            {
+                return Ok(None);
+            }
+            current
+                .compatible_with(&model.contract)
+                .map_err(|message| InferError::Contract {
+                    path: path.display().to_string(),
+                    message,
+                })?;
+            Ok(Some(model))
+        });
+        match checked {
+            Ok(None) => {}
+            Ok(Some(model)) => {
+                crate::telemetry::model_reload(true, &model.contract.label(), None);
+                current = Arc::clone(&model.contract);
+                if reloads.send(model).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                crate::telemetry::model_reload(false, &path.display().to_string(), Some(&error))
+            }
         }
     }
 }
