@@ -120,8 +120,9 @@ pub struct SourceConfig {
     /// than the compiled-in one. Empty means the compiled-in schema.
     pub reading_writer_schema: Option<PathBuf>,
     pub batch_writer_schema: Option<PathBuf>,
-    /// For `confluent`: schema id → `.avsc` file of every writer schema producers may use.
-    pub schema_ids: BTreeMap<u32, PathBuf>,
+    /// For `confluent`: schema id → `.avsc` file of every writer schema producers may use
+    /// (TOML keys are strings: `41 = "schemas/reading.avsc"`).
+    pub schema_ids: BTreeMap<String, PathBuf>,
     /// How often the offsets that are safe to commit are stored and committed.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
@@ -438,6 +439,16 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(bad) = self
+            .source
+            .schema_ids
+            .keys()
+            .find(|k| k.parse::<u32>().is_err())
+        {
+            return invalid(format!(
+                "[source.schema_ids] key `{bad}` is not a schema id (a number from 0 to 4294967295)"
+            ));
+        }
         if h3o::Resolution::try_from(self.registry.h3_resolution).is_err() {
             return invalid(format!(
                 "[registry] h3_resolution = {} is outside 0..=15",
@@ -472,6 +483,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `[source.schema_ids]` with numeric ids (checked by [`Config::validate`]).
+    pub fn schema_ids(&self) -> BTreeMap<u32, PathBuf> {
+        self.source
+            .schema_ids
+            .iter()
+            .filter_map(|(id, path)| Some((id.parse().ok()?, path.clone())))
+            .collect()
     }
 
     /// The configuration as TOML with secrets (`*password*`, `*secret*`, `*key*` values of
@@ -633,6 +653,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path());
         for path in examples.chain([root.join("compose/gridwatch.toml")]) {
+            // Every example is a complete, valid configuration.
             if path.extension().is_some_and(|e| e == "toml") {
                 Config::load(Some(&path), []).unwrap_or_else(|e| panic!("{e}"));
                 seen += 1;

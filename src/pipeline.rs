@@ -122,7 +122,7 @@ pub fn decoder(config: &Config) -> anyhow::Result<Decoder> {
         config.source.wire_format,
         load(&config.source.reading_writer_schema)?,
         load(&config.source.batch_writer_schema)?,
-        SchemaIds::load(&config.source.schema_ids)?,
+        SchemaIds::load(&config.schema_ids())?,
     ))
 }
 
