@@ -48,20 +48,65 @@ fn steps() -> Vec<Vec<(String, Vec<Reading>)>> {
     let mut plant = plant();
     (0..STEPS)
         .map(|step| {
-            let mut by_cell: Vec<(String, Vec<Reading>)> = Vec::new();
-            for r in plant.step() {
-                let mut reading = simulate::to_reading(&r);
-                if r.node_id == FAULTY_NODE && FAULT.contains(&step) {
+            let mut cells = simulate::by_cell(&plant.step());
+            for reading in cells.iter_mut().flat_map(|(_, list)| list.iter_mut()) {
+                if reading.node_id == FAULTY_NODE && FAULT.contains(&step) {
                     reading.values[1].1 += 10.0;
                 }
-                match by_cell.iter_mut().find(|(c, _)| *c == r.cell_id) {
-                    Some((_, list)) => list.push(reading),
-                    None => by_cell.push((r.cell_id.clone(), vec![reading])),
-                }
             }
-            by_cell
+            cells
         })
         .collect()
+}
+
+/// A mock cluster with the topics the tests use and the plant's spatial-node records.
+struct Fixture {
+    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    bootstrap: String,
+    producer: FutureProducer,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        gridwatch::telemetry::init_logging(Default::default(), "warn");
+        let cluster = MockCluster::new(1).unwrap();
+        let bootstrap = cluster.bootstrap_servers();
+        cluster.create_topic(READINGS, 2, 1).unwrap();
+        cluster.create_topic(NODES, 1, 1).unwrap();
+        cluster.create_topic("anomalies", 2, 1).unwrap();
+        cluster.create_topic("gridwatch-dlq", 1, 1).unwrap();
+        let producer: FutureProducer = common::client(&bootstrap).create().unwrap();
+        let nodes = Codec::new(RecordKind::SpatialNode, WireFormat::Plain);
+        for node in simulate::node_records(&plant()) {
+            let payload = nodes.encode(&node.to_value()).unwrap();
+            common::produce(&producer, NODES, &node.node_id, &payload).await;
+        }
+        Self {
+            cluster,
+            bootstrap,
+            producer,
+        }
+    }
+
+    /// Produces one batch per cell and step, keyed by cell; returns the number of messages.
+    async fn produce_steps(&self) -> i64 {
+        let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
+        let mut produced = 0;
+        for cells in steps() {
+            for (cell, readings) in &cells {
+                let payload = batches.encode(&records::batch_to_value(readings)).unwrap();
+                common::produce(&self.producer, READINGS, cell, &payload).await;
+                produced += 1;
+            }
+        }
+        produced
+    }
+
+    /// Drops the clients before the cluster, so nothing reports the cluster gone.
+    fn close(self) {
+        drop(self.producer);
+        drop(self.cluster);
+    }
 }
 
 fn config(bootstrap: &str) -> Config {
@@ -145,22 +190,10 @@ fn assert_same_event(got: &AnomalyEvent, want: &AnomalyEvent) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_publishes_the_expected_events_and_dead_letters() {
-    gridwatch::telemetry::init_logging(Default::default(), "warn");
     let metrics = gridwatch::admin::metrics_handle();
-    let cluster = MockCluster::new(1).unwrap();
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.create_topic(READINGS, 2, 1).unwrap();
-    cluster.create_topic(NODES, 1, 1).unwrap();
-    cluster.create_topic("anomalies", 2, 1).unwrap();
-    cluster.create_topic("gridwatch-dlq", 1, 1).unwrap();
+    let fixture = Fixture::new().await;
+    let (bootstrap, producer) = (fixture.bootstrap.clone(), &fixture.producer);
     let config = config(&bootstrap);
-    let producer: FutureProducer = common::client(&bootstrap).create().unwrap();
-
-    let nodes = Codec::new(RecordKind::SpatialNode, WireFormat::Plain);
-    for node in simulate::node_records(&plant()) {
-        let payload = nodes.encode(&node.to_value()).unwrap();
-        common::produce(&producer, NODES, &node.node_id, &payload).await;
-    }
 
     // Readings, with the four kinds of bad input planted after step 100.
     let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
@@ -169,7 +202,7 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
     for (step, cells) in steps().into_iter().enumerate() {
         for (cell, readings) in &cells {
             let payload = batches.encode(&records::batch_to_value(readings)).unwrap();
-            common::produce(&producer, READINGS, cell, &payload).await;
+            common::produce(producer, READINGS, cell, &payload).await;
             produced += 1;
         }
         if step == 100 {
@@ -385,8 +418,7 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
         total_committed < produced as i64,
         "the last steps are still open and hold their offsets"
     );
-    drop(producer);
-    drop(cluster);
+    fixture.close();
 }
 
 /// Starts the pipeline on `config` and returns its stats, cancel token and task.
@@ -412,39 +444,10 @@ fn start(
 /// and nothing else is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_and_restart_lose_nothing() {
-    gridwatch::telemetry::init_logging(Default::default(), "warn");
-    let cluster = MockCluster::new(1).unwrap();
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.create_topic(READINGS, 2, 1).unwrap();
-    cluster.create_topic(NODES, 1, 1).unwrap();
-    cluster.create_topic("anomalies", 2, 1).unwrap();
-    cluster.create_topic("gridwatch-dlq", 1, 1).unwrap();
+    let fixture = Fixture::new().await;
+    let bootstrap = fixture.bootstrap.clone();
     let config = config(&bootstrap);
-    let producer: FutureProducer = common::client(&bootstrap).create().unwrap();
-    let nodes = Codec::new(RecordKind::SpatialNode, WireFormat::Plain);
-    for node in simulate::node_records(&plant()) {
-        common::produce(
-            &producer,
-            NODES,
-            &node.node_id,
-            &nodes.encode(&node.to_value()).unwrap(),
-        )
-        .await;
-    }
-    let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
-    let mut produced = 0i64;
-    for cells in steps() {
-        for (cell, readings) in &cells {
-            common::produce(
-                &producer,
-                READINGS,
-                cell,
-                &batches.encode(&records::batch_to_value(readings)).unwrap(),
-            )
-            .await;
-            produced += 1;
-        }
-    }
+    let produced = fixture.produce_steps().await;
 
     // First run: stop as soon as the fault's windows are being scored.
     let (stats, cancel, task) = start(&config);
@@ -511,46 +514,17 @@ async fn graceful_stop_and_restart_lose_nothing() {
         got_ids, want_ids,
         "every reference event, and nothing else ({duplicates} duplicates)"
     );
-    drop(producer);
-    drop(cluster);
+    fixture.close();
 }
 
 /// A shutdown that cannot drain within `[pipeline] shutdown_timeout` is an error (the binary
 /// exits non-zero), and still commits only what was complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missed_shutdown_deadline_is_an_error() {
-    gridwatch::telemetry::init_logging(Default::default(), "warn");
-    let cluster = MockCluster::new(1).unwrap();
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.create_topic(READINGS, 2, 1).unwrap();
-    cluster.create_topic(NODES, 1, 1).unwrap();
-    cluster.create_topic("anomalies", 2, 1).unwrap();
-    cluster.create_topic("gridwatch-dlq", 1, 1).unwrap();
-    let mut config = config(&bootstrap);
+    let fixture = Fixture::new().await;
+    let mut config = config(&fixture.bootstrap);
     config.pipeline.shutdown_timeout = Duration::ZERO;
-    let producer: FutureProducer = common::client(&bootstrap).create().unwrap();
-    let nodes = Codec::new(RecordKind::SpatialNode, WireFormat::Plain);
-    for node in simulate::node_records(&plant()) {
-        common::produce(
-            &producer,
-            NODES,
-            &node.node_id,
-            &nodes.encode(&node.to_value()).unwrap(),
-        )
-        .await;
-    }
-    let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
-    for cells in steps() {
-        for (cell, readings) in &cells {
-            common::produce(
-                &producer,
-                READINGS,
-                cell,
-                &batches.encode(&records::batch_to_value(readings)).unwrap(),
-            )
-            .await;
-        }
-    }
+    fixture.produce_steps().await;
     let (stats, cancel, task) = start(&config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while stats.snapshot().windows_emitted < 5 {
@@ -564,6 +538,5 @@ async fn a_missed_shutdown_deadline_is_an_error() {
     cancel.cancel();
     let error = task.await.unwrap().unwrap_err().to_string();
     assert!(error.contains("shutdown_timeout"), "{error}");
-    drop(producer);
-    drop(cluster);
+    fixture.close();
 }

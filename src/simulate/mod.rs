@@ -59,6 +59,18 @@ pub fn to_reading(r: &SimReading) -> Reading {
     }
 }
 
+/// One step's readings grouped by cell, cells in plant order: what a line's gateway batches.
+pub fn by_cell(step: &[SimReading]) -> Vec<(String, Vec<Reading>)> {
+    let mut cells: Vec<(String, Vec<Reading>)> = Vec::new();
+    for r in step {
+        match cells.iter_mut().find(|(c, _)| *c == r.cell_id) {
+            Some((_, list)) => list.push(to_reading(r)),
+            None => cells.push((r.cell_id.clone(), vec![to_reading(r)])),
+        }
+    }
+    cells
+}
+
 /// Writes `steps` steps of the plant as CSV: `ts_ms,node_id,cell_id,<channels…>`.
 pub fn write_csv(plant: &mut Plant, steps: u64, path: &Path) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
@@ -169,14 +181,7 @@ pub async fn publish_readings(
         let mut pending = Vec::new();
         match spec.payload {
             PayloadKind::Batch => {
-                let mut by_cell: Vec<(String, Vec<Reading>)> = Vec::new();
-                for r in &step {
-                    match by_cell.iter_mut().find(|(c, _)| *c == r.cell_id) {
-                        Some((_, list)) => list.push(to_reading(r)),
-                        None => by_cell.push((r.cell_id.clone(), vec![to_reading(r)])),
-                    }
-                }
-                for (cell, list) in by_cell {
+                for (cell, list) in by_cell(&step) {
                     let payload = batches.encode(&records::batch_to_value(&list))?;
                     pending.push((cell, payload));
                 }
