@@ -41,7 +41,7 @@ impl Cli {
     pub fn log_filter(&self) -> String {
         match (&self.log_level, &self.command) {
             (Some(level), _) => level.clone(),
-            (None, Command::Demo(_) | Command::Tail(_)) => "warn".into(),
+            (None, Command::Demo(_) | Command::Tail(_) | Command::Bench(_)) => "warn".into(),
             (None, _) => "info,ort=warn".into(),
         }
     }
@@ -60,6 +60,9 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Follow the anomaly topic and print one line per event, for people.
     Tail(TailArgs),
+    /// Measure throughput against the bare-consumer ceiling, CPU, memory and latency, on the
+    /// embedded mock cluster (or a broker given with --brokers). See docs/performance.md.
+    Bench(BenchArgs),
     /// Validate a configuration file (and the model contract and schema files it names)
     /// without connecting to anything.
     CheckConfig(CheckConfigArgs),
@@ -91,6 +94,33 @@ pub struct TailArgs {
     /// Print each event as JSON instead of a line.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Readings per topic (single-reading and batched topics each get this many).
+    #[arg(long, default_value_t = 500_000)]
+    pub readings: u64,
+    /// Cells, and nodes per cell.
+    #[arg(long, default_value_t = 64)]
+    pub cells: usize,
+    #[arg(long, default_value_t = 8)]
+    pub nodes_per_cell: usize,
+    /// Steps of one cell per ReadingBatch message.
+    #[arg(long, default_value_t = 25)]
+    pub batch_steps: usize,
+    /// Partitions of the reading topics (the mock cluster keeps 5 MB per partition).
+    #[arg(long, default_value_t = 16)]
+    pub partitions: i32,
+    /// Use this broker (e.g. tansu at 127.0.0.1:9092) instead of the in-process mock cluster.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Seconds of the half-load latency run (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    pub latency_seconds: u64,
+    /// Offered load of the latency run in readings/s (default: half the measured maximum).
+    #[arg(long)]
+    pub latency_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -295,6 +325,21 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Simulate(args) => simulate_command(args).await,
         Command::Tail(args) => tail_command(args).await,
+        Command::Bench(args) => {
+            let options = crate::bench::BenchOptions {
+                readings: args.readings,
+                cells: args.cells,
+                nodes_per_cell: args.nodes_per_cell,
+                batch_steps: args.batch_steps,
+                partitions: args.partitions,
+                brokers: args.brokers,
+                latency_seconds: args.latency_seconds,
+                latency_rate: args.latency_rate,
+            };
+            let report = crate::bench::run(options, |step| eprintln!("bench: {step}...")).await?;
+            print!("{}", crate::bench::report_text(&report));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig(args) => check_config(&args.file),
         Command::Model(ModelCommand::Inspect { path }) => {
             let (contract, onnx) = ModelContract::load(&path)?;

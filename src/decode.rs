@@ -7,9 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::schema::fast::{self, FastError};
 use crate::schema::{
     Codec, CodecError, DeadLetterReason, Reading, RecordKind, SchemaIds, ShapeError, WireFormat,
-    records,
+    records, unframe_confluent,
 };
 
 /// What one message of a reading topic holds.
@@ -32,6 +33,8 @@ pub enum DecodeError {
     Codec(#[from] CodecError),
     #[error("decoded value has the wrong shape: {0}")]
     Shape(#[from] ShapeError),
+    #[error("not a valid Avro datum for the writer schema: {0}")]
+    Datum(#[from] FastError),
 }
 
 impl DecodeError {
@@ -57,11 +60,18 @@ impl InvalidReading {
     }
 }
 
-/// Turns payloads of the reading topics into readings.
+/// Turns payloads of the reading topics into readings. Datums written with the compiled-in
+/// schemas take the direct decoder (`schema::fast`); any other writer schema the generic,
+/// resolving one.
 #[derive(Debug)]
 pub struct Decoder {
     reading: Codec,
     batch: Codec,
+    format: WireFormat,
+    /// Plain datums of each kind are written with the compiled-in schema.
+    plain_fast: (bool, bool),
+    /// Confluent ids whose schema is the compiled-in `Reading` / `ReadingBatch`.
+    fast_ids: (Vec<u32>, Vec<u32>),
 }
 
 impl Decoder {
@@ -73,6 +83,19 @@ impl Decoder {
         batch_writer: Option<apache_avro::Schema>,
         ids: SchemaIds,
     ) -> Self {
+        let compiled = |kind: RecordKind, writer: &Option<apache_avro::Schema>| {
+            writer
+                .as_ref()
+                .is_none_or(|w| w.canonical_form() == kind.schema().canonical_form())
+        };
+        let plain_fast = (
+            compiled(RecordKind::Reading, &reading_writer),
+            compiled(RecordKind::ReadingBatch, &batch_writer),
+        );
+        let fast_ids = (
+            ids.ids_of(RecordKind::Reading),
+            ids.ids_of(RecordKind::ReadingBatch),
+        );
         let mut reading = Codec::new(RecordKind::Reading, format).with_schema_ids(ids.clone());
         if let Some(schema) = reading_writer {
             reading = reading.with_plain_writer(schema);
@@ -81,7 +104,28 @@ impl Decoder {
         if let Some(schema) = batch_writer {
             batch = batch.with_plain_writer(schema);
         }
-        Self { reading, batch }
+        Self {
+            reading,
+            batch,
+            format,
+            plain_fast,
+            fast_ids,
+        }
+    }
+
+    /// The datum to decode directly, when its writer schema is the compiled-in one.
+    fn fast_datum<'p>(&self, kind: PayloadKind, payload: &'p [u8]) -> Option<&'p [u8]> {
+        let (plain, ids) = match kind {
+            PayloadKind::Reading => (self.plain_fast.0, &self.fast_ids.0),
+            PayloadKind::Batch => (self.plain_fast.1, &self.fast_ids.1),
+        };
+        match self.format {
+            WireFormat::Plain => plain.then_some(payload),
+            WireFormat::Confluent => match unframe_confluent(payload) {
+                Ok((id, datum)) if ids.contains(&id) => Some(datum),
+                _ => None,
+            },
+        }
     }
 
     /// Decodes one message payload of a topic carrying `kind`.
@@ -91,6 +135,15 @@ impl Decoder {
         payload: Option<&[u8]>,
     ) -> Result<Vec<Reading>, DecodeError> {
         let payload = payload.ok_or(DecodeError::NoPayload)?;
+        if let Some(datum) = self.fast_datum(kind, payload) {
+            if datum.is_empty() {
+                return Err(CodecError::Avro("empty datum".into()).into());
+            }
+            return Ok(match kind {
+                PayloadKind::Reading => vec![fast::read_reading(datum)?],
+                PayloadKind::Batch => fast::read_batch(datum)?,
+            });
+        }
         match kind {
             PayloadKind::Reading => {
                 let value = self.reading.decode(payload)?;
@@ -270,7 +323,7 @@ mod tests {
         bytes.extend_from_slice(&[1, 2, 3]);
         assert_eq!(
             plain().decode(PayloadKind::Reading, Some(&bytes)),
-            Err(DecodeError::Codec(CodecError::TrailingBytes(3)))
+            Err(DecodeError::Datum(FastError::Trailing(3)))
         );
     }
 

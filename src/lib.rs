@@ -16,10 +16,11 @@
 //! [`telemetry`] (logging and counters), [`admin`] (metrics and health endpoints), [`cli`] (the command line), and the demo plant:
 //! [`simulate`] (the plant simulator as a producer), [`tail`] (the anomaly topic for people) and
 //! [`demo`] (everything on an in-process
-//! mock cluster).
+//! mock cluster), and [`bench`] (throughput against the bare-consumer ceiling, latency).
 
 pub mod admin;
 pub mod assemble;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod decode;

@@ -134,6 +134,26 @@ pub async fn run(
     health: Arc<Health>,
     cancel: CancellationToken,
 ) -> anyhow::Result<RunReport> {
+    run_with(config, loaded, stats, health, cancel, Scoring::On).await
+}
+
+/// Whether emitted windows are scored. `Off` measures ingest alone (benchmarks): windows are
+/// counted and released as soon as they are emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    On,
+    Off,
+}
+
+/// [`run`], with scoring switched on or off.
+pub async fn run_with(
+    config: &Config,
+    loaded: Loaded,
+    stats: Arc<Stats>,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+    scoring: Scoring,
+) -> anyhow::Result<RunReport> {
     health.set_model_loaded(true);
     telemetry::model_in_use(
         &loaded.model.contract.name,
@@ -212,15 +232,32 @@ pub async fn run(
         ))
     });
     let infer_stats = Arc::clone(&stats);
-    let infer_task = tokio::spawn(infer::run_batches(
-        loaded.model,
-        windows_rx,
-        inferred_tx,
-        reload_rx,
-        config.infer.max_batch,
-        config.infer.max_wait,
-        move |n, seconds| telemetry::batch_inferred(&infer_stats, n, seconds),
-    ));
+    let infer_task = match scoring {
+        Scoring::On => tokio::spawn(infer::run_batches(
+            loaded.model,
+            windows_rx,
+            inferred_tx,
+            reload_rx,
+            config.infer.max_batch,
+            config.infer.max_wait,
+            move |n, seconds| telemetry::batch_inferred(&infer_stats, n, seconds),
+        )),
+        Scoring::Off => {
+            let (ledger, model) = (Arc::clone(&ledger), loaded.model);
+            let mut windows_rx = windows_rx;
+            tokio::spawn(async move {
+                drop((inferred_tx, reload_rx));
+                while let Some(window) = windows_rx.recv().await {
+                    let mut ledger = ledger.lock().expect("ledger lock");
+                    for &(p, o) in &window.holds {
+                        ledger.release(p, o);
+                    }
+                    infer_stats.progress();
+                }
+                Ok(model)
+            })
+        }
+    };
     let publish_task = tokio::spawn(publish_events(
         inferred_rx,
         loaded.detector,
@@ -561,29 +598,29 @@ async fn publish_events(
                             let sink = Arc::clone(&sink);
                             in_flight.push(async move {
                                 let result = sink.publish_event(&event).await;
-                                telemetry::event_latency(window.closed_at.elapsed().as_secs_f64());
-                                (window.holds, event.severity, result)
+                                let latency = window.closed_at.elapsed().as_secs_f64();
+                                (window.holds, event.severity, latency, result)
                             });
                         }
                     }
                 }
             }
-            Some((holds, severity, result)) = in_flight.next() => {
+            Some((holds, severity, latency, result)) = in_flight.next() => {
                 if let Err(error) = result {
                     failed.cancel();
                     return Err(error.into());
                 }
-                telemetry::event_published(&stats, severity);
+                telemetry::event_published(&stats, severity, latency);
                 release(&holds);
             }
         }
     }
-    while let Some((holds, severity, result)) = in_flight.next().await {
+    while let Some((holds, severity, latency, result)) = in_flight.next().await {
         if let Err(error) = result {
             failed.cancel();
             return Err(error.into());
         }
-        telemetry::event_published(&stats, severity);
+        telemetry::event_published(&stats, severity, latency);
         release(&holds);
     }
     Ok(())

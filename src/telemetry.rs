@@ -50,10 +50,29 @@ pub struct Stats {
     pub inference_batches: AtomicU64,
     pub events_published: [AtomicU64; Severity::ALL.len()],
     pub commits: AtomicU64,
+    /// When the first message was consumed and when work last progressed (a message consumed,
+    /// a batch scored, an event acknowledged): what benchmarks time.
+    first_message: std::sync::Mutex<Option<std::time::Instant>>,
+    last_progress: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Window close → event acknowledged, seconds, when recording is on.
+    latencies: std::sync::Mutex<Option<Vec<f64>>>,
+    /// Metric handles of the per-message path, registered once instead of looked up each time.
+    hot: std::sync::OnceLock<HotCounters>,
+}
+
+#[derive(Debug)]
+struct HotCounters {
+    readings_decoded: metrics::Counter,
+    messages_by_topic: std::sync::Mutex<Vec<(String, metrics::Counter)>>,
 }
 
 fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
+}
+
+/// Counts one; true for the first.
+fn bump_first(counter: &AtomicU64) -> bool {
+    counter.fetch_add(1, Ordering::Relaxed) == 0
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -61,6 +80,39 @@ fn bump(counter: &AtomicU64, by: u64) {
 }
 
 impl Stats {
+    fn hot(&self) -> &HotCounters {
+        self.hot.get_or_init(|| HotCounters {
+            readings_decoded: metrics::counter!("gridwatch_readings_decoded_total"),
+            messages_by_topic: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Work progressed now.
+    pub fn progress(&self) {
+        *self.last_progress.lock().expect("stats lock") = Some(std::time::Instant::now());
+    }
+
+    /// From the first consumed message to the last progress.
+    pub fn busy_span(&self) -> Option<std::time::Duration> {
+        let first = (*self.first_message.lock().expect("stats lock"))?;
+        let last = (*self.last_progress.lock().expect("stats lock"))?;
+        Some(last.saturating_duration_since(first))
+    }
+
+    /// Starts keeping every window close → acknowledged latency (benchmarks).
+    pub fn record_latencies(&self) {
+        *self.latencies.lock().expect("stats lock") = Some(Vec::new());
+    }
+
+    /// The latencies kept so far, in seconds.
+    pub fn latencies(&self) -> Vec<f64> {
+        self.latencies
+            .lock()
+            .expect("stats lock")
+            .clone()
+            .unwrap_or_default()
+    }
+
     pub fn dead_lettered(&self, reason: DeadLetterReason) -> u64 {
         get(&self.dead_lettered[reason as usize])
     }
@@ -111,11 +163,23 @@ pub struct StatsSnapshot {
 }
 
 pub fn message_consumed(stats: &Stats, topic: &str, readings: usize) {
-    bump(&stats.messages_consumed, 1);
+    if bump_first(&stats.messages_consumed) {
+        *stats.first_message.lock().expect("stats lock") = Some(std::time::Instant::now());
+    }
+    stats.progress();
     bump(&stats.readings_decoded, readings as u64);
-    metrics::counter!("gridwatch_messages_consumed_total", "topic" => topic.to_owned())
-        .increment(1);
-    metrics::counter!("gridwatch_readings_decoded_total").increment(readings as u64);
+    let hot = stats.hot();
+    hot.readings_decoded.increment(readings as u64);
+    let mut topics = hot.messages_by_topic.lock().expect("stats lock");
+    match topics.iter().find(|(t, _)| t == topic) {
+        Some((_, counter)) => counter.increment(1),
+        None => {
+            let counter =
+                metrics::counter!("gridwatch_messages_consumed_total", "topic" => topic.to_owned());
+            counter.increment(1);
+            topics.push((topic.to_owned(), counter));
+        }
+    }
 }
 
 pub fn reading_accepted(stats: &Stats, ignored_channels: usize) {
@@ -180,6 +244,7 @@ pub fn windows_closed(stats: &Stats, emitted: usize, sparse: usize, warmup: usiz
 }
 
 pub fn batch_inferred(stats: &Stats, windows: usize, seconds: f64) {
+    stats.progress();
     bump(&stats.inference_batches, 1);
     bump(&stats.windows_scored, windows as u64);
     metrics::histogram!("gridwatch_inference_batch_size").record(windows as f64);
@@ -187,7 +252,12 @@ pub fn batch_inferred(stats: &Stats, windows: usize, seconds: f64) {
     tracing::trace!(windows, seconds, "Scored a batch.");
 }
 
-pub fn event_published(stats: &Stats, severity: Severity) {
+pub fn event_published(stats: &Stats, severity: Severity, latency_seconds: f64) {
+    stats.progress();
+    if let Some(kept) = stats.latencies.lock().expect("stats lock").as_mut() {
+        kept.push(latency_seconds);
+    }
+    metrics::histogram!("gridwatch_event_latency_seconds").record(latency_seconds);
     bump(&stats.events_published[severity as usize], 1);
     metrics::counter!("gridwatch_events_published_total", "severity" => severity.as_str())
         .increment(1);
@@ -269,11 +339,6 @@ pub fn model_in_use(name: &str, version: &str, provider: &'static str) {
 /// A window was scored.
 pub fn window_scored(score: f64) {
     metrics::histogram!("gridwatch_window_score").record(score);
-}
-
-/// An event was acknowledged `seconds` after its window closed.
-pub fn event_latency(seconds: f64) {
-    metrics::histogram!("gridwatch_event_latency_seconds").record(seconds);
 }
 
 /// Consumer lag of one partition, from librdkafka's statistics.

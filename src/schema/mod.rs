@@ -16,6 +16,7 @@ use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use serde::{Deserialize, Serialize};
 
+pub mod fast;
 pub mod records;
 
 pub use records::{AnomalyEvent, Channel, Contributor, Reading, Severity, ShapeError, SpatialNode};
@@ -326,6 +327,16 @@ impl SchemaIds {
 
     pub fn get(&self, id: u32) -> Option<&Schema> {
         self.by_id.get(&id)
+    }
+
+    /// The ids whose schema is `kind`'s compiled-in schema (same canonical form).
+    pub fn ids_of(&self, kind: RecordKind) -> Vec<u32> {
+        let canonical = kind.schema().canonical_form();
+        self.by_id
+            .iter()
+            .filter(|(_, schema)| schema.canonical_form() == canonical)
+            .map(|(id, _)| *id)
+            .collect()
     }
 }
 

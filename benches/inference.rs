@@ -1,0 +1,54 @@
+//! Inference throughput of the default model per batch size (1, 8, 64, 256, 1024 windows of 8
+//! nodes), reported as node-windows per second. `GRIDWATCH_EXECUTION_PROVIDER=cuda` (with the
+//! `cuda` feature) runs it on the GPU; scripts/gpu-bench.sh does that on a GPU machine.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use gridwatch::assemble::Window;
+use gridwatch::config::{ExecutionProvider, ModelConfig};
+use gridwatch::infer::Model;
+
+const NODES: usize = 8;
+
+fn window(i: usize, t: usize, f: usize) -> Window {
+    let base = [2.9f32, 67.0, 5.5, 29.8];
+    Window {
+        cell: Arc::from(format!("cell-{i}").as_str()),
+        start_ms: 0,
+        end_ms: 16_000,
+        nodes: (0..NODES)
+            .map(|n| Arc::from(format!("n{n}").as_str()))
+            .collect(),
+        values: (0..t * NODES * f)
+            .map(|k| base[k % f] + (k % 7) as f32 * 0.01)
+            .collect(),
+        mask: vec![1.0; t * NODES * f],
+        missing_fraction: 0.0,
+        holds: vec![],
+        closed_at: std::time::Instant::now(),
+    }
+}
+
+fn inference(c: &mut Criterion) {
+    let mut config = ModelConfig::default();
+    if std::env::var("GRIDWATCH_EXECUTION_PROVIDER").as_deref() == Ok("cuda") {
+        config.execution_provider = ExecutionProvider::Cuda;
+    }
+    let contract = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&config.contract);
+    let mut model = Model::load(&contract, &config).expect("the default model loads");
+    let (t, f) = (model.contract.window_steps, model.contract.channels.len());
+    let mut group = c.benchmark_group(format!("inference/{}", model.provider));
+    for batch in [1usize, 8, 64, 256, 1024] {
+        let windows: Vec<Window> = (0..batch).map(|i| window(i, t, f)).collect();
+        group.throughput(Throughput::Elements((batch * NODES) as u64));
+        group.bench_function(BenchmarkId::new("node-windows", batch), |b| {
+            b.iter(|| black_box(model.run(black_box(&windows)).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, inference);
+criterion_main!(benches);

@@ -1,0 +1,281 @@
+//! A direct decoder for `Reading` and `ReadingBatch` datums written with the compiled-in
+//! schemas: bytes to readings without building generic Avro values (the hot path).
+//!
+//! Invariant: for every byte string, [`read_reading`] and [`read_batch`] return exactly what the
+//! generic path (`apache-avro` with the compiled-in schema, then `Reading::from_value`) returns,
+//! or fail where it fails (checked by property tests). Every length and count is checked against
+//! the bytes left before it is used, so hostile input cannot make it allocate or read beyond the
+//! payload. apache-avro stays the schema authority: payloads written with any other writer
+//! schema take the generic path, with schema resolution.
+
+use super::records::Reading;
+
+/// Why a datum did not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FastError {
+    #[error("datum ends early, in {0}")]
+    Truncated(&'static str),
+    #[error("varint longer than 10 bytes in {0}")]
+    BadVarint(&'static str),
+    #[error("negative or oversized length {1} in {0}")]
+    BadLength(&'static str, i64),
+    #[error("invalid UTF-8 in {0}")]
+    BadUtf8(&'static str),
+    #[error("union index {0} for `sequence` is not 0 (null) or 1 (long)")]
+    BadUnion(i64),
+    #[error("{0} bytes left over after the datum")]
+    Trailing(usize),
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn long(&mut self, what: &'static str) -> Result<i64, FastError> {
+        let mut value: u64 = 0;
+        for (i, &byte) in self.buf.iter().enumerate().take(10) {
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                self.buf = &self.buf[i + 1..];
+                return Ok((value >> 1) as i64 ^ -((value & 1) as i64));
+            }
+        }
+        if self.buf.len() < 10 {
+            Err(FastError::Truncated(what))
+        } else {
+            Err(FastError::BadVarint(what))
+        }
+    }
+
+    fn bytes(&mut self, what: &'static str) -> Result<&'a [u8], FastError> {
+        let len = self.long(what)?;
+        if len < 0 || len as u64 > self.buf.len() as u64 {
+            return if len < 0 {
+                Err(FastError::BadLength(what, len))
+            } else {
+                Err(FastError::Truncated(what))
+            };
+        }
+        let (head, tail) = self.buf.split_at(len as usize);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<&'a str, FastError> {
+        std::str::from_utf8(self.bytes(what)?).map_err(|_| FastError::BadUtf8(what))
+    }
+
+    fn double(&mut self, what: &'static str) -> Result<f64, FastError> {
+        let Some((head, tail)) = self.buf.split_first_chunk::<8>() else {
+            return Err(FastError::Truncated(what));
+        };
+        self.buf = tail;
+        Ok(f64::from_le_bytes(*head))
+    }
+
+    /// The item count of the next block of an array or map; 0 ends it. A negative count is
+    /// followed by the block's byte size, which is read and ignored.
+    fn block(&mut self, what: &'static str, min_item_bytes: usize) -> Result<usize, FastError> {
+        let count = self.long(what)?;
+        let count = if count < 0 {
+            self.long(what)?;
+            count
+                .checked_neg()
+                .ok_or(FastError::BadLength(what, count))?
+        } else {
+            count
+        };
+        // Every item takes at least `min_item_bytes`: a larger count cannot be honest.
+        if count as u64 > (self.buf.len() / min_item_bytes.max(1)) as u64 {
+            return Err(FastError::BadLength(what, count));
+        }
+        Ok(count as usize)
+    }
+
+    fn reading(&mut self) -> Result<Reading, FastError> {
+        let node_id = self.string("node_id")?.to_owned();
+        let event_time_ms = self.long("event_time")?;
+        let mut values = Vec::with_capacity(4);
+        loop {
+            // A map entry is a key (at least its length byte) and an 8-byte double.
+            let count = self.block("values", 9)?;
+            if count == 0 {
+                break;
+            }
+            for _ in 0..count {
+                let key = self.string("values")?;
+                let value = self.double("values")?;
+                // Avro maps keep the last value of a repeated key, as the generic path does.
+                match values
+                    .iter_mut()
+                    .find(|(k, _): &&mut (String, f64)| k == key)
+                {
+                    Some(entry) => entry.1 = value,
+                    None => values.push((key.to_owned(), value)),
+                }
+            }
+        }
+        values.sort_by(|a, b| a.0.cmp(&b.0));
+        let sequence = match self.long("sequence") {
+            // apache-avro reads a union whose index is cut off by the end of the datum as its
+            // first branch (null here); so does this decoder, to accept exactly what it accepts.
+            Err(FastError::Truncated(_)) => {
+                self.buf = &[];
+                None
+            }
+            Err(error) => return Err(error),
+            Ok(0) => None,
+            Ok(1) => Some(self.long("sequence")?),
+            Ok(other) => return Err(FastError::BadUnion(other)),
+        };
+        Ok(Reading {
+            node_id,
+            event_time_ms,
+            values,
+            sequence,
+        })
+    }
+
+    fn finish(&self) -> Result<(), FastError> {
+        match self.buf.len() {
+            0 => Ok(()),
+            n => Err(FastError::Trailing(n)),
+        }
+    }
+}
+
+/// One `Reading` datum.
+pub fn read_reading(datum: &[u8]) -> Result<Reading, FastError> {
+    let mut cursor = Cursor { buf: datum };
+    let reading = cursor.reading()?;
+    cursor.finish()?;
+    Ok(reading)
+}
+
+/// One `ReadingBatch` datum.
+pub fn read_batch(datum: &[u8]) -> Result<Vec<Reading>, FastError> {
+    let mut cursor = Cursor { buf: datum };
+    let mut readings = Vec::new();
+    loop {
+        // A reading takes at least 4 bytes: node id length, event time, map end, union index.
+        let count = cursor.block("readings", 4)?;
+        if count == 0 {
+            break;
+        }
+        readings.reserve(count);
+        for _ in 0..count {
+            readings.push(cursor.reading()?);
+        }
+    }
+    cursor.finish()?;
+    Ok(readings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{RecordKind, read_datum, records, write_datum};
+    use proptest::prelude::*;
+
+    fn generic_reading(bytes: &[u8]) -> Option<Reading> {
+        let schema = RecordKind::Reading.schema();
+        let value = read_datum(schema, schema, bytes).ok()?;
+        Reading::from_value(&value).ok()
+    }
+
+    fn generic_batch(bytes: &[u8]) -> Option<Vec<Reading>> {
+        let schema = RecordKind::ReadingBatch.schema();
+        let value = read_datum(schema, schema, bytes).ok()?;
+        records::batch_from_value(&value).ok()
+    }
+
+    fn arb_reading() -> impl Strategy<Value = Reading> {
+        (
+            "[a-z0-9/-]{0,12}",
+            any::<i64>(),
+            prop::collection::btree_map("[a-z_]{1,10}", any::<f64>(), 0..6),
+            any::<Option<i64>>(),
+        )
+            .prop_map(|(node_id, event_time_ms, values, sequence)| Reading {
+                node_id,
+                event_time_ms,
+                values: values.into_iter().collect(),
+                sequence,
+            })
+    }
+
+    fn same(a: &Reading, b: &Reading) -> bool {
+        a.node_id == b.node_id
+            && a.event_time_ms == b.event_time_ms
+            && a.sequence == b.sequence
+            && a.values.len() == b.values.len()
+            && a.values
+                .iter()
+                .zip(&b.values)
+                .all(|(x, y)| x.0 == y.0 && x.1.to_bits() == y.1.to_bits())
+    }
+
+    proptest! {
+        #[test]
+        fn well_formed_datums_decode_like_the_generic_path(readings in prop::collection::vec(arb_reading(), 0..8)) {
+            for r in &readings {
+                let bytes = write_datum(RecordKind::Reading.schema(), &r.to_value()).unwrap();
+                let fast = read_reading(&bytes).unwrap();
+                prop_assert!(same(&fast, &generic_reading(&bytes).unwrap()));
+                prop_assert!(same(&fast, r));
+            }
+            let bytes = write_datum(RecordKind::ReadingBatch.schema(), &records::batch_to_value(&readings)).unwrap();
+            let fast = read_batch(&bytes).unwrap();
+            let generic = generic_batch(&bytes).unwrap();
+            prop_assert_eq!(fast.len(), generic.len());
+            prop_assert!(fast.iter().zip(&generic).all(|(a, b)| same(a, b)));
+        }
+
+        #[test]
+        fn any_bytes_fail_where_the_generic_path_fails(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            match (read_reading(&bytes), generic_reading(&bytes)) {
+                (Ok(a), Some(b)) => prop_assert!(same(&a, &b)),
+                (Err(_), None) => {}
+                (fast, generic) => prop_assert!(false, "fast {:?} vs generic {:?}", fast, generic),
+            }
+            match (read_batch(&bytes), generic_batch(&bytes)) {
+                (Ok(a), Some(b)) => prop_assert!(a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| same(x, y))),
+                (Err(_), None) => {}
+                (fast, generic) => prop_assert!(false, "fast {:?} vs generic {:?}", fast, generic),
+            }
+        }
+
+        #[test]
+        fn truncations_and_corruptions_of_real_datums_agree(r in arb_reading(), cut in 0usize..200, flip in 0usize..200, bit in 0u8..8) {
+            let bytes = write_datum(RecordKind::Reading.schema(), &r.to_value()).unwrap();
+            let mut variants = vec![bytes[..cut.min(bytes.len())].to_vec()];
+            let mut flipped = bytes.clone();
+            if !flipped.is_empty() {
+                let i = flip % flipped.len();
+                flipped[i] ^= 1 << bit;
+            }
+            variants.push(flipped);
+            for v in variants {
+                match (read_reading(&v), generic_reading(&v)) {
+                    (Ok(a), Some(b)) => prop_assert!(same(&a, &b)),
+                    (Err(_), None) => {}
+                    (fast, generic) => prop_assert!(false, "{:?}: fast {:?} vs generic {:?}", v, fast, generic),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_lengths_are_errors() {
+        // A string claiming 2^62 bytes.
+        assert!(read_reading(&[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).is_err());
+        // A batch claiming a billion readings in four bytes.
+        assert!(matches!(
+            read_batch(&[0x80, 0xa8, 0xd6, 0xb9, 0x07]),
+            Err(FastError::BadLength(..))
+        ));
+        assert_eq!(read_batch(&[]), Err(FastError::Truncated("readings")));
+        assert_eq!(read_batch(&[0]), Ok(vec![]));
+    }
+}
