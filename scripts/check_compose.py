@@ -37,17 +37,12 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERFILE_CUDA = COMPOSE_DIR / "Dockerfile.cuda"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-# What the stack relies on that is being added to gridwatch. Each entry is checked as soon as
-# it exists (kind and labels against src/telemetry.rs, the key against examples/gridwatch.toml);
-# until then it is reported as pending. Empty these once gridwatch has them.
-PENDING_METRICS = {
-    # name: (kind, labels)
-    "gridwatch_consumer_lag": ("gauge", {"topic", "partition"}),
-    "gridwatch_event_latency_seconds": ("histogram", set()),
-    "gridwatch_window_score": ("histogram", set()),
-}
-PENDING_CONFIG_KEYS = {("admin", "listen")}
-PENDING_FILES = {"models/plant-attention-v1.json"}
+# What the stack would rely on before gridwatch has it: each entry is checked as soon as it
+# exists (kind and labels against src/telemetry.rs, the key against examples/gridwatch.toml);
+# until then it is reported as pending. Everything the stack uses exists today.
+PENDING_METRICS: dict = {}  # name: (kind, labels)
+PENDING_CONFIG_KEYS: set = set()
+PENDING_FILES: set = set()
 
 # The topics the stack creates, and what gridwatch and the simulator must agree with.
 EXPECTED_TOPICS = {

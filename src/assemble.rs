@@ -122,8 +122,20 @@ struct Step {
 }
 
 impl Step {
+    /// An empty step sized for `entries` (nodes × channels) without slack.
+    fn with_entries(entries: usize) -> Self {
+        Self {
+            sum: Vec::with_capacity(entries),
+            count: Vec::with_capacity(entries),
+            low: Vec::with_capacity(1),
+        }
+    }
+
     fn add(&mut self, index: usize, value: f32, at: Provenance) {
         if self.sum.len() <= index {
+            let grow = index + 1 - self.sum.len();
+            self.sum.reserve_exact(grow);
+            self.count.reserve_exact(grow);
             self.sum.resize(index + 1, 0.0);
             self.count.resize(index + 1, 0);
         }
@@ -269,13 +281,14 @@ impl Assembler {
         if state.steps.is_empty() {
             state.base_step = step;
         }
+        let entries = state.nodes.len() * self.spec.features();
         while step < state.base_step {
-            state.steps.push_front(Step::default());
+            state.steps.push_front(Step::with_entries(entries));
             state.base_step -= 1;
         }
         let index = (step - state.base_step) as usize;
         while state.steps.len() <= index {
-            state.steps.push_back(Step::default());
+            state.steps.push_back(Step::with_entries(entries));
         }
         let width = self.spec.features();
         for (f, value) in features {
@@ -349,15 +362,17 @@ impl Assembler {
         low
     }
 
-    /// Bytes of window state held, and the bytes of the raw `[steps × N × F]` f32 tensor it
-    /// represents.
+    /// Bytes of window state held (every kept step: its struct, sums, counts and offsets), and
+    /// the bytes of the raw `[steps × N × F]` f32 tensor it represents.
     pub fn memory(&self) -> (usize, usize) {
         let mut held = 0;
         let mut raw = 0;
         for cell in self.cells.iter() {
             for step in &cell.steps {
-                held +=
-                    step.sum.capacity() * 4 + step.count.capacity() * 2 + step.low.capacity() * 16;
+                held += std::mem::size_of::<Step>()
+                    + step.sum.capacity() * 4
+                    + step.count.capacity() * 2
+                    + step.low.capacity() * 16;
             }
             raw += cell.steps.len() * cell.nodes.len() * self.spec.features() * 4;
         }
