@@ -339,7 +339,12 @@ fn bench_config(
     group: &str,
     batch_steps: usize,
 ) -> Config {
-    let mut config = Config::default();
+    // Defaults with GRIDWATCH__SECTION__KEY overrides (e.g. GRIDWATCH__INFER__MAX_BATCH=16), so
+    // settings can be compared; topics, groups and the broker are the benchmark's own.
+    let mut config = Config::load(None, std::env::vars()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "Ignoring GRIDWATCH__ overrides for the benchmark.");
+        Config::default()
+    });
     // A batch spans `batch_steps` steps of one cell, and the cells of a partition take turns:
     // the allowed lateness must cover a batch's span, as it must for any batching gateway.
     config.assemble.allowed_lateness = Duration::from_secs(batch_steps as u64 + 2);
