@@ -23,14 +23,13 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, TopicConfig};
 use crate::decode::PayloadKind;
 use crate::pipeline::{self, Scoring};
 use crate::schema::{Codec, RecordKind, WireFormat, records};
 use crate::simulate::{self, Plant, PlantSpec};
-use crate::telemetry::{Health, Stats};
+use crate::telemetry::Stats;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -379,24 +378,10 @@ async fn pipeline_stage(
     let group = format!("bench-{}-{:?}", topic(kind), scoring);
     let config = bench_config(client, kind, &group, batch_steps);
     let loaded = pipeline::load_model(&config)?;
-    let stats = Arc::new(Stats::default());
-    let cancel = CancellationToken::new();
     reset_peak_rss();
     let cpu0 = cpu_seconds();
-    let task = tokio::spawn({
-        let (stats, cancel) = (Arc::clone(&stats), cancel.clone());
-        async move {
-            pipeline::run_with(
-                &config,
-                loaded,
-                stats,
-                Arc::new(Health::default()),
-                cancel,
-                scoring,
-            )
-            .await
-        }
-    });
+    let running = pipeline::spawn(&config, loaded, Arc::new(Stats::default()), scoring);
+    let (stats, task) = (Arc::clone(&running.stats), running.task);
     let deadline = Instant::now() + Duration::from_secs(900);
     let mut settled_since: Option<(Instant, u64)> = None;
     loop {
@@ -425,7 +410,7 @@ async fn pipeline_stage(
     let cpu = cpu_seconds() - cpu0;
     let rss = peak_rss_bytes();
     let seconds = stats.busy_span().map_or(0.0, |d| d.as_secs_f64());
-    cancel.cancel();
+    running.cancel.cancel();
     task.await??;
     let s = stats.snapshot();
     anyhow::ensure!(
@@ -457,21 +442,7 @@ async fn latency_stage(
     let loaded = pipeline::load_model(&config)?;
     let stats = Arc::new(Stats::default());
     stats.record_latencies();
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn({
-        let (config, stats, cancel) = (config.clone(), Arc::clone(&stats), cancel.clone());
-        async move {
-            pipeline::run_with(
-                &config,
-                loaded,
-                stats,
-                Arc::new(Health::default()),
-                cancel,
-                Scoring::On,
-            )
-            .await
-        }
-    });
+    let running = pipeline::spawn(&config, loaded, Arc::clone(&stats), Scoring::On);
     // Give the group a moment to form, then offer the load in real time.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let producer = producer(client)?;
@@ -499,8 +470,8 @@ async fn latency_stage(
     }
     producer.flush(Duration::from_secs(30))?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    cancel.cancel();
-    task.await??;
+    running.cancel.cancel();
+    running.task.await??;
     let mut latencies = stats.latencies();
     latencies.sort_by(f64::total_cmp);
     let pick = |q: f64| {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, TopicConfig};
 use crate::decode::PayloadKind;
-use crate::pipeline;
+use crate::pipeline::{self, Scoring};
 use crate::schema::{AnomalyEvent, Severity, WireFormat};
 use crate::simulate::{self, Fault, Plant, PlantSpec, PublishSpec, SimReport};
 use crate::tail::{self, utc};
@@ -183,13 +183,8 @@ pub async fn run(
     };
     simulate::publish_nodes(&client, &plant, &publish).await?;
 
-    let stats = Arc::new(Stats::default());
-    let stop_pipeline = CancellationToken::new();
-    let pipeline_task = tokio::spawn({
-        let (config, stats, stop) = (config.clone(), Arc::clone(&stats), stop_pipeline.clone());
-        let health = Arc::new(crate::telemetry::Health::default());
-        async move { pipeline::run(&config, loaded, stats, health, stop).await }
-    });
+    let running = pipeline::spawn(&config, loaded, Arc::new(Stats::default()), Scoring::On);
+    let stats = Arc::clone(&running.stats);
     let stop_tail = CancellationToken::new();
     let tailed = Arc::new(AtomicUsize::new(0));
     let tail_task = tokio::spawn(tail(
@@ -241,8 +236,8 @@ pub async fn run(
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop_pipeline.cancel();
-    pipeline_task.await??;
+    running.cancel.cancel();
+    running.task.await??;
     let published = stats.events_total() as usize;
     let settle = tokio::time::Instant::now() + Duration::from_secs(10);
     let events = loop {

@@ -137,6 +137,35 @@ pub async fn run(
     run_with(config, loaded, stats, health, cancel, Scoring::On).await
 }
 
+/// A pipeline running on its own task: its counters, health, stop switch and outcome.
+pub struct Running {
+    pub stats: Arc<Stats>,
+    pub health: Arc<Health>,
+    pub cancel: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<RunReport>>,
+}
+
+/// Starts [`run_with`] on a task of its own, counting into `stats`.
+pub fn spawn(config: &Config, loaded: Loaded, stats: Arc<Stats>, scoring: Scoring) -> Running {
+    let health = Arc::new(Health::default());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let (config, stats, health, cancel) = (
+            config.clone(),
+            Arc::clone(&stats),
+            Arc::clone(&health),
+            cancel.clone(),
+        );
+        async move { run_with(&config, loaded, stats, health, cancel, scoring).await }
+    });
+    Running {
+        stats,
+        health,
+        cancel,
+        task,
+    }
+}
+
 /// Whether emitted windows are scored. `Off` measures ingest alone (benchmarks): windows are
 /// counted and released as soon as they are emitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

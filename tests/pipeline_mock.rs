@@ -14,13 +14,13 @@ use std::time::Duration;
 use gridwatch::assemble::{Assembler, Provenance};
 use gridwatch::config::{Config, TopicConfig};
 use gridwatch::decode::PayloadKind;
-use gridwatch::pipeline;
+use gridwatch::pipeline::{self, Scoring};
 use gridwatch::schema::{
     AnomalyEvent, Codec, DeadLetterReason, Reading, RecordKind, WireFormat, dead_letter_headers,
     records,
 };
 use gridwatch::simulate::{self, Plant, PlantSpec};
-use gridwatch::telemetry::{Health, Stats};
+use gridwatch::telemetry::Stats;
 use rdkafka::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureProducer;
@@ -253,19 +253,10 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
         }
     }
 
-    let stats = Arc::new(Stats::default());
-    let cancel = CancellationToken::new();
-    let health = Arc::new(Health::default());
     let loaded = pipeline::load_model(&config).unwrap();
-    let run = tokio::spawn({
-        let (config, stats, health, cancel) = (
-            config.clone(),
-            Arc::clone(&stats),
-            Arc::clone(&health),
-            cancel.clone(),
-        );
-        async move { pipeline::run(&config, loaded, stats, health, cancel).await }
-    });
+    let running = pipeline::spawn(&config, loaded, Arc::new(Stats::default()), Scoring::On);
+    let (stats, health, cancel, run) =
+        (running.stats, running.health, running.cancel, running.task);
     // Wait until every message is consumed and every emitted window scored.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -429,14 +420,9 @@ fn start(
     CancellationToken,
     tokio::task::JoinHandle<anyhow::Result<pipeline::RunReport>>,
 ) {
-    let stats = Arc::new(Stats::default());
-    let cancel = CancellationToken::new();
     let loaded = pipeline::load_model(config).unwrap();
-    let task = tokio::spawn({
-        let (config, stats, cancel) = (config.clone(), Arc::clone(&stats), cancel.clone());
-        async move { pipeline::run(&config, loaded, stats, Arc::new(Health::default()), cancel).await }
-    });
-    (stats, cancel, task)
+    let running = pipeline::spawn(config, loaded, Arc::new(Stats::default()), Scoring::On);
+    (running.stats, running.cancel, running.task)
 }
 
 /// A graceful stop while windows are in flight, then a restart of the same group from the
