@@ -210,7 +210,9 @@ impl Assembler {
     }
 
     fn closed_for(&self, max_event_time_ms: i64) -> i64 {
-        (max_event_time_ms - self.spec.allowed_lateness_ms).div_euclid(self.spec.cadence_ms)
+        max_event_time_ms
+            .saturating_sub(self.spec.allowed_lateness_ms)
+            .div_euclid(self.spec.cadence_ms)
     }
 
     /// Adds one validated reading of node `node` in cell `cell`, and appends to `out` every
@@ -252,8 +254,8 @@ impl Assembler {
             });
         if step < state.closed_before {
             return Admission::Late {
-                step_end_ms: (step + 1) * self.spec.cadence_ms,
-                watermark_ms: state.closed_before * self.spec.cadence_ms,
+                step_end_ms: step.saturating_add(1).saturating_mul(self.spec.cadence_ms),
+                watermark_ms: state.closed_before.saturating_mul(self.spec.cadence_ms),
             };
         }
         let features: Vec<(usize, f32)> = reading
@@ -471,8 +473,8 @@ fn build(spec: &AssembleSpec, cell: &Arc<str>, state: &CellState, end: i64) -> O
     holds.sort_unstable();
     Some(Window {
         cell: Arc::clone(cell),
-        start_ms: start * spec.cadence_ms,
-        end_ms: end * spec.cadence_ms,
+        start_ms: start.saturating_mul(spec.cadence_ms),
+        end_ms: end.saturating_mul(spec.cadence_ms),
         nodes: state.nodes.clone(),
         values,
         mask,

@@ -347,6 +347,8 @@ fn bench_config(
     // A batch spans `batch_steps` steps of one cell, and the cells of a partition take turns:
     // the allowed lateness must cover a batch's span, as it must for any batching gateway.
     config.assemble.allowed_lateness = Duration::from_secs(batch_steps as u64 + 2);
+    // Simulated time may run ahead of the wall clock.
+    config.assemble.max_future = Duration::ZERO;
     config.kafka.insert(
         "bootstrap.servers".into(),
         client

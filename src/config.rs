@@ -187,6 +187,12 @@ pub struct AssembleConfig {
     pub allowed_lateness: Duration,
     /// Windows with a smaller fraction of observed entries are skipped, not scored.
     pub min_observed_fraction: f64,
+    /// Readings stamped further than this ahead of the wall clock are dead-lettered as
+    /// `invalid_value`: one far-future timestamp would otherwise push the watermark ahead and
+    /// make every later reading of its partition late. "0s" disables the check (replays of
+    /// simulated or shifted time).
+    #[serde(with = "humantime_serde")]
+    pub max_future: Duration,
 }
 
 impl Default for AssembleConfig {
@@ -194,6 +200,7 @@ impl Default for AssembleConfig {
         Self {
             allowed_lateness: Duration::from_secs(2),
             min_observed_fraction: 0.5,
+            max_future: Duration::from_secs(3600),
         }
     }
 }

@@ -315,6 +315,7 @@ pub async fn run_with(
         letters: letters_tx,
         kinds,
         scratch: Vec::new(),
+        max_future: config.assemble.max_future,
     };
     let ingest_result = ingest
         .run(&consumer, config.source.commit_interval, &cancel, &failed)
@@ -404,6 +405,7 @@ struct Ingest {
     letters: mpsc::Sender<PendingLetter>,
     kinds: HashMap<String, PayloadKind>,
     scratch: Vec<Window>,
+    max_future: Duration,
 }
 
 impl Ingest {
@@ -480,6 +482,17 @@ impl Ingest {
                     .await?;
                 continue;
             }
+            if let Some(limit) = self.future_limit_ms()
+                && reading.event_time_ms > limit
+            {
+                let error = format!(
+                    "event time {} is more than [assemble] max_future ahead of the wall clock",
+                    reading.event_time_ms
+                );
+                self.reject(id, refused(DeadLetterReason::InvalidValue, error))
+                    .await?;
+                continue;
+            }
             let Some(node) = self.registry.lookup(&reading.node_id) else {
                 let error = format!(
                     "node `{}` is not on the spatial-node topic",
@@ -526,6 +539,18 @@ impl Ingest {
             self.emit().await?;
         }
         Ok(())
+    }
+
+    /// The latest acceptable event time now, unless `[assemble] max_future` is "0s".
+    fn future_limit_ms(&self) -> Option<i64> {
+        let max = self.max_future;
+        if max.is_zero() {
+            return None;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        Some((now + max).as_millis() as i64)
     }
 
     /// Sends the windows that just closed to inference, holding their offsets first.

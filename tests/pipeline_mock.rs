@@ -214,6 +214,8 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
             let mut late = readings[2].clone();
             late.event_time_ms -= 30_000;
             let garbage = b"\x02\xffnot avro".to_vec();
+            let mut future = readings[0].clone();
+            future.event_time_ms = i64::MAX;
             let flow_only = Reading {
                 values: vec![("flow".into(), 3.5)],
                 ..readings[3].clone()
@@ -235,6 +237,14 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
                         .encode(&records::batch_to_value(&[flow_only, nan.clone()]))
                         .unwrap(),
                     Some(nan),
+                ),
+                (
+                    // A timestamp far ahead of the wall clock would drag the watermark along.
+                    DeadLetterReason::InvalidValue,
+                    batches
+                        .encode(&records::batch_to_value(&[future.clone()]))
+                        .unwrap(),
+                    Some(future),
                 ),
                 (
                     DeadLetterReason::Late,
@@ -359,9 +369,15 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
         let letter = letters
             .iter()
             .find(|m| {
-                common::header(m, dead_letter_headers::REASON).as_deref() == Some(reason.as_str())
+                common::header(m, dead_letter_headers::SOURCE_OFFSET) == Some(offset.to_string())
+                    && common::header(m, dead_letter_headers::SOURCE_PARTITION)
+                        == Some(partition.to_string())
             })
-            .unwrap_or_else(|| panic!("no dead letter for {reason:?}"));
+            .unwrap_or_else(|| panic!("no dead letter for {reason:?} at {partition}/{offset}"));
+        assert_eq!(
+            common::header(letter, dead_letter_headers::REASON).as_deref(),
+            Some(reason.as_str())
+        );
         assert_eq!(
             common::header(letter, dead_letter_headers::SOURCE_TOPIC).as_deref(),
             Some(READINGS)
@@ -384,18 +400,19 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
                 let decoded = Reading::from_value(&value).unwrap();
                 assert_eq!(decoded.node_id, reading.node_id);
                 assert_eq!(decoded.event_time_ms, reading.event_time_ms);
-                let index = if *reason == DeadLetterReason::InvalidValue {
-                    "1"
-                } else {
-                    "0"
-                };
-                assert_eq!(
-                    common::header(letter, dead_letter_headers::BATCH_INDEX).as_deref(),
-                    Some(index)
-                );
+                // The header points at the reading within the original batch.
+                let index: usize = common::header(letter, dead_letter_headers::BATCH_INDEX)
+                    .expect("a batch index")
+                    .parse()
+                    .unwrap();
+                let original =
+                    records::batch_from_value(&batches.decode(payload).unwrap()).unwrap();
+                assert_eq!(original[index].node_id, reading.node_id);
+                assert_eq!(original[index].event_time_ms, reading.event_time_ms);
             }
         }
-        assert_eq!(stats.dead_lettered(*reason), 1);
+        let expected = bad.iter().filter(|b| b.0 == *reason).count() as u64;
+        assert_eq!(stats.dead_lettered(*reason), expected);
     }
 
     // Offsets: committed, never past a reading still needed by an open window.
@@ -509,7 +526,9 @@ async fn graceful_stop_and_restart_lose_nothing() {
 async fn a_missed_shutdown_deadline_is_an_error() {
     let fixture = Fixture::new().await;
     let mut config = config(&fixture.bootstrap);
-    config.pipeline.shutdown_timeout = Duration::ZERO;
+    config.pipeline.shutdown_timeout = Duration::from_millis(200);
+    // Every window becomes an event, so events are in flight when the stop comes.
+    config.detect.threshold = Some(1e-12);
     fixture.produce_steps().await;
     let (stats, cancel, task) = start(&config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -521,8 +540,17 @@ async fn a_missed_shutdown_deadline_is_an_error() {
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    // The broker now answers after two seconds: acknowledgements cannot arrive in time.
+    fixture
+        .cluster
+        .broker_round_trip_time(1, Duration::from_secs(2))
+        .unwrap();
     cancel.cancel();
     let error = task.await.unwrap().unwrap_err().to_string();
     assert!(error.contains("shutdown_timeout"), "{error}");
+    fixture
+        .cluster
+        .broker_round_trip_time(1, Duration::ZERO)
+        .unwrap();
     fixture.close();
 }
