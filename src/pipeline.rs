@@ -645,7 +645,7 @@ async fn publish_events(
                         detector = Detector::new(&model, &detect);
                     }
                     let (score, event) = detector.detect(&window, &reconstruction);
-                    telemetry::window_scored(score.score);
+                    telemetry::window_scored(&stats, score.score, window.closed_at.elapsed().as_secs_f64());
                     match event {
                         None => release(&window.holds),
                         Some(event) => {

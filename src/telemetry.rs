@@ -56,6 +56,8 @@ pub struct Stats {
     last_progress: std::sync::Mutex<Option<std::time::Instant>>,
     /// Window close → event acknowledged, seconds, when recording is on.
     latencies: std::sync::Mutex<Option<Vec<f64>>>,
+    /// Window close → scored (inference done), seconds, when recording is on.
+    scored_latencies: std::sync::Mutex<Option<Vec<f64>>>,
     /// Metric handles of the per-message path, registered once instead of looked up each time.
     hot: std::sync::OnceLock<HotCounters>,
 }
@@ -102,6 +104,16 @@ impl Stats {
     /// Starts keeping every window close → acknowledged latency (benchmarks).
     pub fn record_latencies(&self) {
         *self.latencies.lock().expect("stats lock") = Some(Vec::new());
+        *self.scored_latencies.lock().expect("stats lock") = Some(Vec::new());
+    }
+
+    /// The close → scored times kept so far, in seconds.
+    pub fn scored_latencies(&self) -> Vec<f64> {
+        self.scored_latencies
+            .lock()
+            .expect("stats lock")
+            .clone()
+            .unwrap_or_default()
     }
 
     /// The latencies kept so far, in seconds.
@@ -336,9 +348,13 @@ pub fn model_in_use(name: &str, version: &str, provider: &'static str) {
     tracing::info!(model = name, version, provider, "Model in use.");
 }
 
-/// A window was scored.
-pub fn window_scored(score: f64) {
+/// A window was scored, `since_close` seconds after it closed.
+pub fn window_scored(stats: &Stats, score: f64, since_close: f64) {
     metrics::histogram!("gridwatch_window_score").record(score);
+    metrics::histogram!("gridwatch_window_scored_seconds").record(since_close);
+    if let Some(kept) = stats.scored_latencies.lock().expect("stats lock").as_mut() {
+        kept.push(since_close);
+    }
 }
 
 /// Consumer lag of one partition, from librdkafka's statistics.
