@@ -241,6 +241,7 @@ pub async fn run_with(
         .map(|t| (t.name.clone(), t.payload))
         .collect();
 
+    let decoder = decoder(config)?;
     let sink = Arc::new(Sink::new(client.clone(), &config.sink)?);
     let ledger = Arc::new(Mutex::new(OffsetLedger::default()));
     let capacity = config.pipeline.channel_capacity;
@@ -304,7 +305,7 @@ pub async fn run_with(
     ));
 
     let mut ingest = Ingest {
-        decoder: decoder(config)?,
+        decoder,
         registry: Arc::clone(&registry),
         assembler: Assembler::new(loaded.spec),
         partitions: SourcePartitions::default(),
