@@ -198,10 +198,6 @@ impl Assembler {
         &self.spec
     }
 
-    pub fn cell_count(&self) -> usize {
-        self.cells.len()
-    }
-
     /// First step a partition's watermark has not closed, or `i64::MIN` before any data.
     fn partition_closed(&self, partition: i32) -> i64 {
         self.clocks

@@ -504,18 +504,19 @@ async fn latency_stage(
 /// Runs every stage and returns the results.
 pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> anyhow::Result<BenchReport> {
     let mut client = ClientConfig::new();
+    let topics = [
+        (NODES, 1),
+        (topic(PayloadKind::Reading), options.partitions),
+        (topic(PayloadKind::Batch), options.partitions),
+        ("bench-latency", options.partitions),
+        ("bench-anomalies", options.partitions),
+        ("bench-dlq", 1),
+    ];
     let (cluster, broker) = match &options.brokers {
         None => {
             let cluster = MockCluster::new(1)?;
             client.set("bootstrap.servers", cluster.bootstrap_servers());
-            for (name, partitions) in [
-                (NODES, 1),
-                (topic(PayloadKind::Reading), options.partitions),
-                (topic(PayloadKind::Batch), options.partitions),
-                ("bench-latency", options.partitions),
-                ("bench-anomalies", options.partitions),
-                ("bench-dlq", 1),
-            ] {
+            for (name, partitions) in topics {
                 cluster.create_topic(name, partitions, 1)?;
             }
             (
@@ -526,17 +527,10 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> anyhow::Resu
         Some(brokers) => {
             client.set("bootstrap.servers", brokers);
             let admin: AdminClient<_> = client.create()?;
-            let topics: Vec<NewTopic> = [
-                (NODES, 1),
-                (topic(PayloadKind::Reading), options.partitions),
-                (topic(PayloadKind::Batch), options.partitions),
-                ("bench-latency", options.partitions),
-                ("bench-anomalies", options.partitions),
-                ("bench-dlq", 1),
-            ]
-            .into_iter()
-            .map(|(name, p)| NewTopic::new(name, p, TopicReplication::Fixed(1)))
-            .collect();
+            let topics: Vec<NewTopic> = topics
+                .into_iter()
+                .map(|(name, p)| NewTopic::new(name, p, TopicReplication::Fixed(1)))
+                .collect();
             admin.create_topics(&topics, &AdminOptions::new()).await?;
             (None, format!("Kafka at {brokers}"))
         }

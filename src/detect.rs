@@ -84,10 +84,6 @@ impl Detector {
             && self.model_hash == contract.onnx_sha256
     }
 
-    pub fn threshold(&self) -> f64 {
-        self.threshold
-    }
-
     /// The contract's score of `window` given the model's `reconstruction` of it.
     pub fn score(&self, window: &Window, reconstruction: &[f32]) -> Score {
         let n = window.node_count();

@@ -463,6 +463,8 @@ impl Ingest {
         };
         telemetry::message_consumed(&self.stats, topic, readings.len());
         let batch = kind == PayloadKind::Batch;
+        // One clock read per message, not per reading.
+        let future_limit = self.future_limit_ms();
         for (index, reading) in readings.iter().enumerate() {
             let refused = |reason: DeadLetterReason, error: String| DeadLetter {
                 reason,
@@ -483,7 +485,7 @@ impl Ingest {
                     .await?;
                 continue;
             }
-            if let Some(limit) = self.future_limit_ms()
+            if let Some(limit) = future_limit
                 && reading.event_time_ms > limit
             {
                 let error = format!(

@@ -82,12 +82,6 @@ impl OffsetLedger {
             })
             .collect()
     }
-
-    /// Forgets partitions this instance no longer owns.
-    pub fn forget(&mut self, partition: i32) {
-        self.holds.remove(&partition);
-        self.next.remove(&partition);
-    }
 }
 
 /// Keeps [`Health`] and the lag gauges current from librdkafka's callbacks.

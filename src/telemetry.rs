@@ -133,10 +133,6 @@ impl Stats {
         self.dead_lettered.iter().map(get).sum()
     }
 
-    pub fn events(&self, severity: Severity) -> u64 {
-        get(&self.events_published[severity as usize])
-    }
-
     pub fn events_total(&self) -> u64 {
         self.events_published.iter().map(get).sum()
     }

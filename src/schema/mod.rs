@@ -249,10 +249,6 @@ impl Codec {
         self
     }
 
-    pub fn kind(&self) -> RecordKind {
-        self.kind
-    }
-
     /// Decodes a payload into a value of the compiled-in (reader) schema.
     pub fn decode(&self, payload: &[u8]) -> Result<Value, CodecError> {
         let reader = self.kind.schema();
