@@ -85,6 +85,8 @@ fn spec() -> AssembleSpec {
         allowed_lateness_ms: 2_000,
         max_nodes: 32,
         min_observed_fraction: 0.5,
+        max_cells: 100_000,
+        idle_cell_ms: 600_000,
     }
 }
 

@@ -20,8 +20,10 @@
 //! - A step is kept until no future window needs it, nor the warm-up margin before the next
 //!   window (so a restart from committed offsets can emit that window whole). [`Assembler::low_water`] is the least
 //!   source offset, per partition, of any reading in a kept step; every emitted [`Window`]
-//!   carries the least offsets of its own readings in [`Window::holds`]. Together they are what
-//!   an offset commit must not pass.
+//!   carries in [`Window::holds`] the least offsets of its own readings and of the warm-up
+//!   margin before it (the allowed lateness plus one step), so that a restart from a commit
+//!   that stopped at a hold replays enough history to emit the held window again. Together
+//!   they are what an offset commit must not pass.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -52,6 +54,11 @@ pub struct AssembleSpec {
     pub max_nodes: usize,
     /// Windows with a smaller observed fraction are skipped (counted, not scored).
     pub min_observed_fraction: f64,
+    /// Most cells held at once; readings that would open one more are refused.
+    pub max_cells: usize,
+    /// A cell with no reading for this long in event time, and nothing left to close, is
+    /// dropped; it starts afresh (with its warm-up) if readings come back.
+    pub idle_cell_ms: i64,
 }
 
 impl AssembleSpec {
@@ -77,7 +84,8 @@ pub struct Window {
     /// `[T × N × F]`, 1 where observed.
     pub mask: Vec<f32>,
     pub missing_fraction: f64,
-    /// Least source offset per partition of the readings in this window.
+    /// Least source offset per partition of the readings in this window and in its warm-up
+    /// margin (the steps a restart must replay to emit it again).
     pub holds: Vec<(i32, i64)>,
     /// When the window closed (wall clock), for the close → acknowledged latency.
     pub closed_at: std::time::Instant,
@@ -100,6 +108,8 @@ pub enum Admission {
     Late { step_end_ms: i64, watermark_ms: i64 },
     /// The cell is full and the node is new to it.
     CellFull,
+    /// The cell is new and this instance already holds `max_cells` cells.
+    TooManyCells,
 }
 
 /// What happened to the windows that closed while adding a reading.
@@ -235,6 +245,9 @@ impl Assembler {
     ) -> Admission {
         let step = self.spec.step_of(reading.event_time_ms);
         let partition_closed = self.partition_closed(at.partition);
+        if self.cells.len() >= self.spec.max_cells && !self.cells.contains_key(cell) {
+            return Admission::TooManyCells;
+        }
         let mut state = self
             .cells
             .entry(Arc::clone(cell))
@@ -325,6 +338,12 @@ impl Assembler {
             .get(&partition)
             .cloned()
             .unwrap_or_default();
+        let idle_steps = self
+            .spec
+            .idle_cell_ms
+            .div_euclid(self.spec.cadence_ms)
+            .max(1);
+        let mut idle = Vec::new();
         for cell in cells {
             let Some(mut state) = self.cells.get_mut(&cell) else {
                 continue;
@@ -341,8 +360,45 @@ impl Assembler {
                 result.sparse += r.sparse;
                 result.warmup += r.warmup;
             }
+            if state.steps.is_empty() && target.saturating_sub(state.last_data_step) > idle_steps {
+                idle.push(cell);
+            }
+        }
+        for cell in idle {
+            self.drop_cell(&cell);
         }
         result
+    }
+
+    /// Forgets a cell entirely: its steps, its nodes and its place in the partition index.
+    fn drop_cell(&mut self, cell: &Arc<str>) {
+        let Some((_, state)) = self.cells.remove(cell) else {
+            return;
+        };
+        for partition in state.partitions {
+            if let Some(cells) = self.cells_of_partition.get_mut(&partition) {
+                cells.retain(|c| c != cell);
+            }
+        }
+    }
+
+    /// Forgets everything a partition fed: its clock and every cell it fed (their windows
+    /// cannot be completed here any more). Called when the partition is revoked; if it comes
+    /// back, its cells are rebuilt by replaying from the committed offset.
+    pub fn forget_partition(&mut self, partition: i32) {
+        self.clocks.remove(&partition);
+        for cell in self
+            .cells_of_partition
+            .remove(&partition)
+            .unwrap_or_default()
+        {
+            self.drop_cell(&cell);
+        }
+    }
+
+    /// Number of cells held.
+    pub fn cell_count(&self) -> usize {
+        self.cells.len()
     }
 
     /// Least source offset per partition still held by a kept step.
@@ -393,8 +449,8 @@ fn close(
     // The history is whole from one step past the allowed lateness after the earliest reading:
     // an earlier reading could only have come before this instance started (a restart from
     // committed offsets), and a window that might lack it is never emitted.
-    let lateness_steps = (spec.allowed_lateness_ms + spec.cadence_ms - 1) / spec.cadence_ms;
-    let first_full_step = state.first_data_step + lateness_steps + 1;
+    let margin = warmup_margin(spec);
+    let first_full_step = state.first_data_step + margin;
     // Only windows that contain data can be worth building.
     let last_useful = target.min(state.last_data_step.saturating_add(t));
     let first_end = (state.closed_before.div_euclid(hop) + 1) * hop;
@@ -421,7 +477,7 @@ fn close(
     // Keep what the next window needs, plus the warm-up margin before it: a restart from the
     // offsets these steps hold then sees the next window's history whole and emits it.
     let next_end = (target.div_euclid(hop) + 1) * hop;
-    let keep_from = next_end - t - lateness_steps - 1;
+    let keep_from = next_end - t - margin;
     while state.base_step < keep_from && !state.steps.is_empty() {
         state.steps.pop_front();
         state.base_step += 1;
@@ -430,6 +486,12 @@ fn close(
         state.base_step = keep_from.max(state.base_step);
     }
     result
+}
+
+/// Steps of history a window needs before its start to count as whole after a (re)start: the
+/// allowed lateness, rounded up to steps, plus one.
+fn warmup_margin(spec: &AssembleSpec) -> i64 {
+    (spec.allowed_lateness_ms + spec.cadence_ms - 1) / spec.cadence_ms + 1
 }
 
 /// The window ending at step `end`, or `None` when too little of it was observed.
@@ -442,6 +504,19 @@ fn build(spec: &AssembleSpec, cell: &Arc<str>, state: &CellState, end: i64) -> O
     let mut mask = vec![0.0f32; t * n * f];
     let mut observed = 0usize;
     let mut holds: Vec<(i32, i64)> = Vec::new();
+    // A restart must replay the margin before the window too, or the warm-up rule would keep
+    // the window from being emitted again.
+    let margin = warmup_margin(spec);
+    let first_held = (start - margin - state.base_step).max(0) as usize;
+    let last = (end - state.base_step).max(0) as usize;
+    for step in state
+        .steps
+        .range(first_held.min(state.steps.len())..last.min(state.steps.len()))
+    {
+        for &(p, o) in &step.low {
+            merge_low(&mut holds, p, o);
+        }
+    }
     for ti in 0..t {
         let step_index = start + ti as i64 - state.base_step;
         if step_index < 0 {
@@ -450,9 +525,6 @@ fn build(spec: &AssembleSpec, cell: &Arc<str>, state: &CellState, end: i64) -> O
         let Some(step) = state.steps.get(step_index as usize) else {
             continue;
         };
-        for &(p, o) in &step.low {
-            merge_low(&mut holds, p, o);
-        }
         for (i, (&sum, &count)) in step.sum.iter().zip(&step.count).enumerate().take(n * f) {
             if count > 0 {
                 values[ti * n * f + i] = sum / f32::from(count);

@@ -96,13 +96,16 @@ impl Sink {
             key: "gridwatch.event_id",
             value: Some(event.event_id.as_bytes()),
         });
-        self.send(
-            &self.events_topic,
-            Some(event.cell_id.as_bytes()),
-            Some(&payload),
-            headers,
-        )
-        .await
+        let (partition, offset) = self
+            .send(
+                &self.events_topic,
+                Some(event.cell_id.as_bytes()),
+                Some(&payload),
+                headers,
+            )
+            .await?;
+        tracing::debug!(event_id = %event.event_id, partition, offset, "Event acknowledged.");
+        Ok(())
     }
 
     /// Publishes one dead letter with its reason and source headers, and waits for the
@@ -145,6 +148,7 @@ impl Sink {
             headers,
         )
         .await
+        .map(|_| ())
     }
 
     async fn send(
@@ -153,7 +157,7 @@ impl Sink {
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         headers: OwnedHeaders,
-    ) -> Result<(), SinkError> {
+    ) -> Result<(i32, i64), SinkError> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut record: FutureRecord<'_, [u8], [u8]> =
@@ -165,7 +169,7 @@ impl Sink {
                 record = record.payload(payload);
             }
             match self.producer.send(record, Timeout::Never).await {
-                Ok(_) => return Ok(()),
+                Ok(delivery) => return Ok((delivery.partition, delivery.offset)),
                 Err((error, _)) if is_final(&error) => {
                     return Err(SinkError::Final {
                         topic: topic.to_owned(),

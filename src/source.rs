@@ -14,7 +14,8 @@
 //! then commits stored offsets periodically, and shutdown commits synchronously.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
@@ -33,9 +34,17 @@ pub struct OffsetLedger {
 
 impl OffsetLedger {
     /// Records that the message at `offset` of `partition` has been consumed.
+    /// Offsets of one partition arrive in increasing order, except after a reset or a
+    /// re-assignment, which start over from an earlier offset: the latest one always tells the
+    /// position.
     pub fn consumed(&mut self, partition: i32, offset: i64) {
-        let next = self.next.entry(partition).or_insert(offset + 1);
-        *next = (*next).max(offset + 1);
+        self.next.insert(partition, offset + 1);
+    }
+
+    /// Stops reporting a partition as committable (it was revoked). Holds of work still in
+    /// flight stay until released, so a partition that comes back never commits past them.
+    pub fn forget(&mut self, partition: i32) {
+        self.next.remove(&partition);
     }
 
     /// Holds `offset` of `partition` until a matching [`OffsetLedger::release`].
@@ -84,9 +93,30 @@ impl OffsetLedger {
     }
 }
 
-/// Keeps [`Health`] and the lag gauges current from librdkafka's callbacks.
+/// Keeps [`Health`] and the lag gauges current from librdkafka's callbacks, and hands the
+/// partitions a rebalance revoked to the ingest loop.
 pub struct SourceContext {
     pub health: Arc<Health>,
+    revoked: Mutex<Vec<(String, i32)>>,
+    any_revoked: AtomicBool,
+}
+
+impl SourceContext {
+    pub fn new(health: Arc<Health>) -> Self {
+        Self {
+            health,
+            revoked: Mutex::new(Vec::new()),
+            any_revoked: AtomicBool::new(false),
+        }
+    }
+
+    /// The partitions revoked since the last call. Cheap when there are none.
+    pub fn take_revoked(&self) -> Vec<(String, i32)> {
+        if !self.any_revoked.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.revoked.lock().expect("revoked lock"))
+    }
 }
 
 impl ClientContext for SourceContext {
@@ -111,6 +141,19 @@ impl ClientContext for SourceContext {
 }
 
 impl ConsumerContext for SourceContext {
+    /// Runs inside the consumer's poll, before any message of the new assignment is returned:
+    /// the ingest loop sees the revocation before it could see anything else.
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let mut revoked = self.revoked.lock().expect("revoked lock");
+            for element in tpl.elements() {
+                revoked.push((element.topic().to_owned(), element.partition()));
+            }
+            self.any_revoked.store(true, Ordering::Release);
+            tracing::info!(partitions = tpl.count(), "Partitions revoked.");
+        }
+    }
+
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.health.set_assigned_partitions(assigned);
@@ -142,7 +185,7 @@ pub fn consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky");
-    Ok(client.create_with_context(SourceContext { health })?)
+    Ok(client.create_with_context(SourceContext::new(health))?)
 }
 
 #[cfg(test)]
@@ -179,7 +222,11 @@ mod tests {
     fn releasing_unknown_holds_is_harmless() {
         let mut ledger = OffsetLedger::default();
         ledger.release(3, 9);
+        // A reset to an earlier offset moves the position back.
+        ledger.consumed(3, 7);
         ledger.consumed(3, 0);
         assert_eq!(ledger.committable(&HashMap::new())[&3], 1);
+        ledger.forget(3);
+        assert!(ledger.committable(&HashMap::new()).is_empty());
     }
 }

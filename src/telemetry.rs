@@ -282,6 +282,11 @@ pub fn offsets_stored(stats: &Stats, partitions: usize) {
     tracing::trace!(partitions, "Stored offsets.");
 }
 
+/// Cells whose windows this instance holds (bounded by `[assemble] max_cells`).
+pub fn cells_held(cells: usize) {
+    metrics::gauge!("gridwatch_cells").set(cells as f64);
+}
+
 /// What readiness depends on, updated by the pipeline and read by the admin endpoints.
 #[derive(Debug, Default)]
 pub struct Health {

@@ -12,6 +12,8 @@ fn spec(lateness_ms: i64) -> AssembleSpec {
         allowed_lateness_ms: lateness_ms,
         max_nodes: 3,
         min_observed_fraction: 0.0,
+        max_cells: 100_000,
+        idle_cell_ms: 600_000,
     }
 }
 
@@ -198,9 +200,11 @@ fn holds_and_low_water_track_source_offsets() {
     for s in 0..7 {
         feed.add(reading("a", s * 1_000, &[("current", 1.0)]));
     }
-    // Offsets equal steps here. Closed below 6; only [2, 6) is past the warm-up.
+    // Offsets equal steps here. Closed below 6; only [2, 6) is past the warm-up. It holds its
+    // own readings and its one-step warm-up margin, step 1: a restart from offset 1 emits it
+    // again.
     let holds: Vec<_> = feed.windows.iter().map(|w| w.holds.clone()).collect();
-    assert_eq!(holds, vec![vec![(0, 2)]]);
+    assert_eq!(holds, vec![vec![(0, 1)]]);
     // The next window [4, 8) needs steps 4 and up, and its one-step warm-up margin, step 3.
     assert_eq!(feed.assembler.low_water().get(&0), Some(&3));
 }
@@ -319,5 +323,161 @@ proptest! {
             prop_assert_eq!(&a.0, &b.0);
             prop_assert!((a.1 - b.1).abs() < 1e-4, "{:?} vs {:?}", a, b);
         }
+    }
+}
+
+/// Adds a reading of `node` to `cell` from `partition` with the given offset.
+fn add_to(
+    assembler: &mut Assembler,
+    cell: &str,
+    partition: i32,
+    offset: i64,
+    r: Reading,
+    out: &mut Vec<Window>,
+) -> Admission {
+    let (cell, node): (Arc<str>, Arc<str>) = (Arc::from(cell), Arc::from(r.node_id.as_str()));
+    let at = Provenance { partition, offset };
+    assembler.add(&cell, &node, &r, at, out).0
+}
+
+#[test]
+fn cells_beyond_the_cap_are_refused_and_known_cells_still_accepted() {
+    let mut assembler = Assembler::new(AssembleSpec {
+        max_cells: 2,
+        ..spec(0)
+    });
+    let mut out = Vec::new();
+    let mut add = |cell: &str, node: &str| {
+        add_to(
+            &mut assembler,
+            cell,
+            0,
+            0,
+            reading(node, 0, &[("current", 1.0)]),
+            &mut out,
+        )
+    };
+    assert!(matches!(add("c1", "a"), Admission::Accepted { .. }));
+    assert!(matches!(add("c2", "b"), Admission::Accepted { .. }));
+    assert_eq!(add("c3", "c"), Admission::TooManyCells);
+    assert!(matches!(add("c1", "d"), Admission::Accepted { .. }));
+    assert_eq!(assembler.cell_count(), 2);
+}
+
+#[test]
+fn idle_cells_are_dropped_and_start_afresh() {
+    let mut assembler = Assembler::new(AssembleSpec {
+        idle_cell_ms: 10_000,
+        ..spec(0)
+    });
+    let mut out = Vec::new();
+    // Cell "quiet" speaks once; cell "busy" (same partition) keeps the watermark moving.
+    add_to(
+        &mut assembler,
+        "quiet",
+        0,
+        0,
+        reading("q", 0, &[("current", 1.0)]),
+        &mut out,
+    );
+    for s in 0..10 {
+        add_to(
+            &mut assembler,
+            "busy",
+            0,
+            s + 1,
+            reading("b", s * 1_000, &[("current", 1.0)]),
+            &mut out,
+        );
+    }
+    assert_eq!(assembler.cell_count(), 2, "not idle for 10 s yet");
+    for s in 10..20 {
+        add_to(
+            &mut assembler,
+            "busy",
+            0,
+            s + 1,
+            reading("b", s * 1_000, &[("current", 1.0)]),
+            &mut out,
+        );
+    }
+    assert_eq!(assembler.cell_count(), 1, "the quiet cell was dropped");
+    // It comes back as a new cell, which is not late and not refused.
+    assert!(matches!(
+        add_to(
+            &mut assembler,
+            "quiet",
+            0,
+            99,
+            reading("q", 19_500, &[("current", 1.0)]),
+            &mut out
+        ),
+        Admission::Accepted { .. }
+    ));
+    assert_eq!(assembler.cell_count(), 2);
+}
+
+#[test]
+fn a_forgotten_partition_is_rebuilt_from_a_replay() {
+    let mut assembler = Assembler::new(spec(0));
+    let mut first = Vec::new();
+    for s in 0..10 {
+        add_to(
+            &mut assembler,
+            "c",
+            3,
+            s,
+            reading("a", s * 1_000, &[("current", s as f64)]),
+            &mut first,
+        );
+    }
+    assert!(!assembler.low_water().is_empty());
+    assembler.forget_partition(3);
+    assert_eq!(assembler.cell_count(), 0);
+    assert!(assembler.low_water().is_empty(), "no offsets held");
+    // Replaying the same readings is accepted (nothing is late) and cuts the same windows.
+    let mut again = Vec::new();
+    for s in 0..10 {
+        let admission = add_to(
+            &mut assembler,
+            "c",
+            3,
+            s,
+            reading("a", s * 1_000, &[("current", s as f64)]),
+            &mut again,
+        );
+        assert!(matches!(admission, Admission::Accepted { .. }));
+    }
+    let ends = |w: &[Window]| {
+        w.iter()
+            .map(|w| (w.end_ms, w.values.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ends(&first), ends(&again));
+}
+
+#[test]
+fn a_restart_from_any_windows_hold_emits_that_window_again() {
+    let spec = spec(1_500);
+    let mut feed = Feed::new(spec.clone());
+    for s in 0..30 {
+        feed.add(reading("a", s * 1_000, &[("current", s as f64)]));
+    }
+    assert!(feed.windows.len() > 5);
+    for window in &feed.windows {
+        // A crash before this window's event was acknowledged: the commit stopped at its hold.
+        let (_, from) = window.holds[0];
+        let mut again = Feed::new(spec.clone());
+        again.offset = from;
+        for s in from..30 {
+            again.add(reading("a", s * 1_000, &[("current", s as f64)]));
+        }
+        let replayed = again.windows.iter().find(|w| w.end_ms == window.end_ms);
+        assert_eq!(
+            replayed.map(|w| &w.values),
+            Some(&window.values),
+            "the window ending at {} is emitted again, whole",
+            window.end_ms
+        );
     }
 }

@@ -121,15 +121,18 @@ pub enum DeadLetterReason {
     Late,
     /// The cell already holds the model's maximum number of nodes.
     CellFull,
+    /// The reading would open a cell beyond `[assemble] max_cells`.
+    CellLimit,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 5] = [
+    pub const ALL: [DeadLetterReason; 6] = [
         DeadLetterReason::Undecodable,
         DeadLetterReason::InvalidValue,
         DeadLetterReason::UnknownNode,
         DeadLetterReason::Late,
         DeadLetterReason::CellFull,
+        DeadLetterReason::CellLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -139,6 +142,7 @@ impl DeadLetterReason {
             DeadLetterReason::UnknownNode => "unknown_node",
             DeadLetterReason::Late => "late",
             DeadLetterReason::CellFull => "cell_full",
+            DeadLetterReason::CellLimit => "cell_limit",
         }
     }
 }
