@@ -55,6 +55,10 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run the detector against a Kafka cluster.
     Run(RunArgs),
+    /// Republish node-keyed reading topics ([route] topics) keyed by cell, to [route]
+    /// output_topic, so that every reading of a cell lands in one partition. Needed when
+    /// producers key readings by sensor and more than one `gridwatch run` shares the work.
+    Route(RunArgs),
     /// Publish simulated plant readings (and its spatial-node records) to a Kafka cluster, or
     /// write them to a CSV file for training.
     Simulate(SimulateArgs),
@@ -236,6 +240,26 @@ pub enum Framing {
     Confluent,
 }
 
+/// Serves the admin endpoints (when `[admin] listen` is set) while `job` runs; stops them
+/// when it ends.
+async fn with_admin<T>(
+    config: &Config,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+    job: impl std::future::Future<Output = T>,
+) -> anyhow::Result<T> {
+    let admin = match config.admin.address() {
+        Some(address) => Some(admin::serve(address, health, cancel.clone()).await?),
+        None => None,
+    };
+    let result = job.await;
+    cancel.cancel();
+    if let Some((_, task)) = admin {
+        let _ = task.await;
+    }
+    Ok(result)
+}
+
 /// Cancelled on the first Ctrl-C or SIGTERM.
 fn shutdown_signal() -> CancellationToken {
     let token = CancellationToken::new();
@@ -297,20 +321,15 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let stats = Arc::new(Stats::default());
             let health = Arc::new(Health::default());
             let cancel = shutdown_signal();
-            let admin = match config.admin.address() {
-                Some(address) => {
-                    Some(admin::serve(address, Arc::clone(&health), cancel.clone()).await?)
-                }
-                None => None,
-            };
-            let result =
-                pipeline::run(&config, loaded, Arc::clone(&stats), health, cancel.clone()).await;
-            cancel.cancel();
-            if let Some((_, task)) = admin {
-                let _ = task.await;
-            }
+            let job = pipeline::run(
+                &config,
+                loaded,
+                Arc::clone(&stats),
+                Arc::clone(&health),
+                cancel.clone(),
+            );
             // A missed shutdown deadline is an error here, so the exit code is non-zero.
-            let report = result?;
+            let report = with_admin(&config, health, cancel, job).await??;
             let s = stats.snapshot();
             tracing::info!(
                 messages = s.messages_consumed,
@@ -319,6 +338,26 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 events = s.events_published,
                 dead_lettered = s.dead_lettered,
                 committed = ?report.committed,
+                "Stopped."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Route(args) => {
+            let config = Config::load(args.config.as_deref(), env_vars())?;
+            if args.print_config {
+                print!("{}", config.to_redacted_toml());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let stats = Arc::new(Stats::default());
+            let health = Arc::new(Health::default());
+            let cancel = shutdown_signal();
+            let job = crate::route::run(&config, stats, Arc::clone(&health), cancel.clone());
+            let report = with_admin(&config, health, cancel, job).await??;
+            tracing::info!(
+                messages = report.messages,
+                routed = report.routed,
+                batches = report.batches,
+                dead_lettered = report.dead_lettered,
                 "Stopped."
             );
             Ok(ExitCode::SUCCESS)

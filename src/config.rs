@@ -48,6 +48,7 @@ pub struct Config {
     pub sink: SinkConfig,
     pub pipeline: PipelineConfig,
     pub admin: AdminConfig,
+    pub route: RouteConfig,
 }
 
 impl Default for Config {
@@ -66,6 +67,7 @@ impl Default for Config {
             sink: SinkConfig::default(),
             pipeline: PipelineConfig::default(),
             admin: AdminConfig::default(),
+            route: RouteConfig::default(),
         }
     }
 }
@@ -155,6 +157,36 @@ pub struct TopicConfig {
     pub payload: PayloadKind,
 }
 
+/// `gridwatch route`: republishes node-keyed reading topics keyed by cell.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// Consumer group of the route stage (distinct from `[source] group_id`).
+    pub group_id: String,
+    /// Raw reading topics, keyed by anything (usually the sensor).
+    pub topics: Vec<TopicConfig>,
+    /// Where readings go, one `ReadingBatch` per cell and input message, keyed by cell: a
+    /// `[source] topics` entry of the run job with `payload = "batch"`.
+    pub output_topic: String,
+    /// Schema id written in front of each routed batch with `[source] wire_format =
+    /// "confluent"`; required there.
+    pub output_schema_id: Option<u32>,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        Self {
+            group_id: "gridwatch-route".into(),
+            topics: vec![TopicConfig {
+                name: "raw-readings".into(),
+                payload: PayloadKind::Reading,
+            }],
+            output_topic: "readings".into(),
+            output_schema_id: None,
+        }
+    }
+}
+
 /// The compacted spatial-node topic.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -193,6 +225,14 @@ pub struct AssembleConfig {
     /// simulated or shifted time).
     #[serde(with = "humantime_serde")]
     pub max_future: Duration,
+    /// Most cells one instance holds at once. A reading that would open one more is
+    /// dead-lettered as `cell_limit`, so a flood of bogus cell or node ids cannot grow memory
+    /// without bound.
+    pub max_cells: usize,
+    /// A cell that received nothing for this long in event time, with no window left to close,
+    /// is dropped from memory; if its readings come back it starts afresh, with its warm-up.
+    #[serde(with = "humantime_serde")]
+    pub idle_cell_timeout: Duration,
 }
 
 impl Default for AssembleConfig {
@@ -201,6 +241,8 @@ impl Default for AssembleConfig {
             allowed_lateness: Duration::from_secs(2),
             min_observed_fraction: 0.5,
             max_future: Duration::from_secs(3600),
+            max_cells: 100_000,
+            idle_cell_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -437,6 +479,23 @@ impl Config {
                 ));
             }
         }
+        if self
+            .route
+            .topics
+            .iter()
+            .any(|t| t.name == self.route.output_topic)
+        {
+            return invalid(format!(
+                "[route] output_topic `{}` is also one of [route] topics: routing would loop",
+                self.route.output_topic
+            ));
+        }
+        if self.route.group_id == self.source.group_id {
+            return invalid(
+                "[route] group_id must differ from [source] group_id: the route stage is a consumer group of its own"
+                    .into(),
+            );
+        }
         if self.sink.events_topic == self.sink.dead_letter_topic {
             return invalid("[sink] events_topic and dead_letter_topic must differ".into());
         }
@@ -461,6 +520,12 @@ impl Config {
                 "[registry] h3_resolution = {} is outside 0..=15",
                 self.registry.h3_resolution
             ));
+        }
+        if self.assemble.max_cells == 0 {
+            return invalid("[assemble] max_cells must be at least 1".into());
+        }
+        if self.assemble.idle_cell_timeout.is_zero() {
+            return invalid("[assemble] idle_cell_timeout must be positive, e.g. \"10m\"".into());
         }
         if !(0.0..=1.0).contains(&self.assemble.min_observed_fraction) {
             return invalid("[assemble] min_observed_fraction must be within 0..=1".into());

@@ -11,6 +11,8 @@
 //! - [`detect`]: scores, thresholds, severity, contributors, deterministic event ids.
 //! - [`sink`]: anomaly events and dead letters → Kafka, acknowledged.
 //! - [`pipeline`]: wires the stages with bounded channels; drains and commits on shutdown.
+//! - [`route`]: a stage of its own, before all of these, that republishes node-keyed readings
+//!   keyed by cell (scale-out needs every reading of a cell in one partition).
 //!
 //! At the edges: [`schema`] (Avro schemas and wire framing), [`config`] (TOML + environment),
 //! [`telemetry`] (logging and counters), [`admin`] (metrics and health endpoints), [`cli`] (the command line), and the demo plant:
@@ -29,6 +31,7 @@ pub mod detect;
 pub mod infer;
 pub mod pipeline;
 pub mod registry;
+pub mod route;
 pub mod schema;
 pub mod simulate;
 pub mod sink;

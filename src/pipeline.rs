@@ -101,6 +101,8 @@ pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
         allowed_lateness_ms: config.assemble.allowed_lateness.as_millis() as i64,
         max_nodes: contract.max_nodes,
         min_observed_fraction: config.assemble.min_observed_fraction,
+        max_cells: config.assemble.max_cells,
+        idle_cell_ms: config.assemble.idle_cell_timeout.as_millis() as i64,
     };
     let detector = Detector::new(contract, &config.detect);
     Ok(Loaded {
@@ -174,22 +176,13 @@ pub enum Scoring {
     Off,
 }
 
-/// [`run`], with scoring switched on or off.
-pub async fn run_with(
+/// Follows the spatial-node topic on a task of its own and waits until it has been read to its
+/// end (`[registry] load_timeout`). `None` when `cancel` fires first.
+pub async fn load_registry(
     config: &Config,
-    loaded: Loaded,
-    stats: Arc<Stats>,
-    health: Arc<Health>,
-    cancel: CancellationToken,
-    scoring: Scoring,
-) -> anyhow::Result<RunReport> {
-    health.set_model_loaded(true);
-    telemetry::model_in_use(
-        &loaded.model.contract.name,
-        &loaded.model.contract.version,
-        loaded.model.provider,
-    );
-    let client = client_config(config);
+    client: &ClientConfig,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<(Arc<Registry>, tokio::task::JoinHandle<anyhow::Result<()>>)>> {
     let resolution = h3o::Resolution::try_from(config.registry.h3_resolution)?;
     let registry = Arc::new(Registry::new(resolution, config.source.wire_format));
     let registry_task = tokio::spawn(Arc::clone(&registry).follow(
@@ -206,6 +199,7 @@ pub async fn run_with(
             anyhow::bail!("the spatial-node reader stopped before the registry was loaded");
         }
         if tokio::time::Instant::now() > deadline {
+            registry_task.abort();
             anyhow::bail!(
                 "the spatial-node topic `{}` was not read to its end within {:?} ([registry] load_timeout)",
                 config.registry.topic,
@@ -213,10 +207,35 @@ pub async fn run_with(
             );
         }
         tokio::select! {
-            _ = cancel.cancelled() => return Ok(RunReport::default()),
+            _ = cancel.cancelled() => {
+                registry_task.abort();
+                return Ok(None);
+            }
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
+    Ok(Some((registry, registry_task)))
+}
+
+/// [`run`], with scoring switched on or off.
+pub async fn run_with(
+    config: &Config,
+    loaded: Loaded,
+    stats: Arc<Stats>,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+    scoring: Scoring,
+) -> anyhow::Result<RunReport> {
+    health.set_model_loaded(true);
+    telemetry::model_in_use(
+        &loaded.model.contract.name,
+        &loaded.model.contract.version,
+        loaded.model.provider,
+    );
+    let client = client_config(config);
+    let Some((registry, registry_task)) = load_registry(config, &client, &cancel).await? else {
+        return Ok(RunReport::default());
+    };
     tracing::info!(nodes = registry.len(), "Registry ready.");
     health.set_registry_loaded(true);
     health.set_broker_reachable(true);
@@ -358,7 +377,7 @@ pub async fn run_with(
     health.set_assigned_partitions(0);
     ingest_result?;
     drained?;
-    Ok(report?)
+    report
 }
 
 /// Stores (and with `sync`, commits) the offsets the ledger allows.
@@ -370,6 +389,7 @@ fn commit(
     stats: &Stats,
     sync: bool,
 ) -> anyhow::Result<RunReport> {
+    telemetry::cells_held(assembler.cell_count());
     let low_water = assembler.low_water();
     let committable = ledger.lock().expect("ledger lock").committable(&low_water);
     if committable.is_empty() {
@@ -427,11 +447,29 @@ impl Ingest {
                 _ = ticker.tick() => {
                     commit(consumer, &self.ledger, &self.assembler, &self.partitions, &self.stats, false)?;
                 }
-                message = consumer.recv() => match message {
-                    Ok(message) => self.handle(&message).await?,
-                    Err(error) => tracing::warn!(%error, "Consumer error."),
-                },
+                message = consumer.recv() => {
+                    // A rebalance is served inside recv(): forget what was revoked before
+                    // handling anything of the new assignment.
+                    self.forget_revoked(consumer);
+                    match message {
+                        Ok(message) => self.handle(&message).await?,
+                        Err(error) => tracing::warn!(%error, "Consumer error."),
+                    }
+                }
             }
+        }
+    }
+
+    /// Drops the window state and the commit position of revoked partitions. Their windows
+    /// already emitted are still scored and published (and release their holds); the new owner
+    /// resumes from the last commit, which trails every open window by its whole history, so
+    /// it rebuilds the same windows by replaying without emitting the incomplete ones.
+    fn forget_revoked(&mut self, consumer: &StreamConsumer<SourceContext>) {
+        for (topic, partition) in consumer.context().take_revoked() {
+            let id = self.partitions.id(&topic, partition);
+            self.assembler.forget_partition(id);
+            self.ledger.lock().expect("ledger lock").forget(id);
+            tracing::debug!(topic, partition, "Forgot a revoked partition's windows.");
         }
     }
 
@@ -537,6 +575,15 @@ impl Ingest {
                     self.reject(id, refused(DeadLetterReason::CellFull, error))
                         .await?;
                 }
+                Admission::TooManyCells => {
+                    let error = format!(
+                        "cell `{}` would be one more than [assemble] max_cells = {}",
+                        node.cell,
+                        self.assembler.spec().max_cells
+                    );
+                    self.reject(id, refused(DeadLetterReason::CellLimit, error))
+                        .await?;
+                }
             }
             telemetry::windows_closed(&self.stats, closed.emitted, closed.sparse, closed.warmup);
             self.emit().await?;
@@ -580,37 +627,43 @@ impl Ingest {
 
     /// Applies the bad-input policy to one refused message or reading.
     async fn reject(&mut self, id: i32, letter: DeadLetter) -> anyhow::Result<()> {
-        let dead_letter = self.policy == BadInputPolicy::DeadLetter;
-        telemetry::reading_rejected(
-            &self.stats,
-            letter.reason,
-            &letter.topic,
+        if !refuse(self.policy, &self.stats, &letter)? {
+            return Ok(());
+        }
+        self.ledger
+            .lock()
+            .expect("ledger lock")
+            .hold(id, letter.offset);
+        self.letters
+            .send(PendingLetter { id, letter })
+            .await
+            .map_err(|_| anyhow::anyhow!("the dead-letter publisher stopped"))
+    }
+}
+
+/// Counts one refused message or reading and applies `[sink] bad_input`: `Ok(true)` when it is
+/// to be dead-lettered, `Ok(false)` when dropped, an error naming it under `fail`.
+pub fn refuse(policy: BadInputPolicy, stats: &Stats, letter: &DeadLetter) -> anyhow::Result<bool> {
+    telemetry::reading_rejected(
+        stats,
+        letter.reason,
+        &letter.topic,
+        letter.partition,
+        letter.offset,
+        &letter.error,
+        policy == BadInputPolicy::DeadLetter,
+    );
+    match policy {
+        BadInputPolicy::Drop => Ok(false),
+        BadInputPolicy::DeadLetter => Ok(true),
+        BadInputPolicy::Fail => anyhow::bail!(
+            "bad input on {}[{}] at offset {} ({}): {}; [sink] bad_input = \"fail\"",
+            letter.topic,
             letter.partition,
             letter.offset,
-            &letter.error,
-            dead_letter,
-        );
-        match self.policy {
-            BadInputPolicy::Drop => Ok(()),
-            BadInputPolicy::Fail => anyhow::bail!(
-                "bad input on {}[{}] at offset {} ({}): {}; [sink] bad_input = \"fail\"",
-                letter.topic,
-                letter.partition,
-                letter.offset,
-                letter.reason.as_str(),
-                letter.error
-            ),
-            BadInputPolicy::DeadLetter => {
-                self.ledger
-                    .lock()
-                    .expect("ledger lock")
-                    .hold(id, letter.offset);
-                self.letters
-                    .send(PendingLetter { id, letter })
-                    .await
-                    .map_err(|_| anyhow::anyhow!("the dead-letter publisher stopped"))
-            }
-        }
+            letter.reason.as_str(),
+            letter.error
+        ),
     }
 }
 

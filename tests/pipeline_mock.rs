@@ -90,16 +90,23 @@ impl Fixture {
 
     /// Produces one batch per cell and step, keyed by cell; returns the number of messages.
     async fn produce_steps(&self) -> i64 {
+        self.produce_steps_placed().await.len() as i64
+    }
+
+    /// Produces one batch per cell and step, keyed by cell; returns where each landed:
+    /// (step, cell, partition, offset).
+    async fn produce_steps_placed(&self) -> Vec<(u64, String, i32, i64)> {
         let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
-        let mut produced = 0;
-        for cells in steps() {
+        let mut placed = Vec::new();
+        for (step, cells) in steps().into_iter().enumerate() {
             for (cell, readings) in &cells {
                 let payload = batches.encode(&records::batch_to_value(readings)).unwrap();
-                common::produce(&self.producer, READINGS, cell, &payload).await;
-                produced += 1;
+                let (partition, offset) =
+                    common::produce(&self.producer, READINGS, cell, &payload).await;
+                placed.push((step as u64, cell.clone(), partition, offset));
             }
         }
-        produced
+        placed
     }
 
     /// Drops the clients before the cluster, so nothing reports the cluster gone.
@@ -552,5 +559,229 @@ async fn a_missed_shutdown_deadline_is_an_error() {
         .cluster
         .broker_round_trip_time(1, Duration::ZERO)
         .unwrap();
+    fixture.close();
+}
+
+/// The committed offset of each partition of the readings topic for `group`.
+fn committed(bootstrap: &str, group: &str) -> std::collections::BTreeMap<i32, i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = common::client(bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(READINGS, 0);
+    tpl.add_partition(READINGS, 1);
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let offset = match e.offset() {
+                rdkafka::Offset::Offset(o) => o,
+                _ => 0,
+            };
+            (e.partition(), offset)
+        })
+        .collect()
+}
+
+/// The output topic is unavailable for a while (its partitions have no leader). Events back up
+/// without failing the job; no offset is committed past a reading of a window whose event is
+/// unacknowledged, neither by the periodic commits nor by a shutdown that misses its deadline;
+/// once the topic is back, a restart publishes every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_output_topic_commits_nothing_unpublished() {
+    let fixture = Fixture::new().await;
+    let bootstrap = fixture.bootstrap.clone();
+    let mut config = config(&bootstrap);
+    config.pipeline.shutdown_timeout = Duration::from_secs(1);
+    let want = reference_events(&config);
+    assert!(!want.is_empty());
+    for partition in 0..2 {
+        fixture
+            .cluster
+            .partition_leader("anomalies", partition, None)
+            .unwrap();
+    }
+    let placed = fixture.produce_steps_placed().await;
+    // The least offset, per partition, of a reading in a window that gives an event.
+    let start_ms = PlantSpec::default().start_ms;
+    let mut bound: std::collections::BTreeMap<i32, i64> = Default::default();
+    for event in &want {
+        for (step, cell, partition, offset) in &placed {
+            let t = start_ms + *step as i64 * 1_000;
+            if *cell == event.cell_id && t >= event.window_start_ms && t < event.window_end_ms {
+                let b = bound.entry(*partition).or_insert(i64::MAX);
+                *b = (*b).min(*offset);
+            }
+        }
+    }
+
+    let (stats, cancel, task) = start(&config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = stats.snapshot();
+        if s.messages_consumed as usize == placed.len() && s.windows_scored == s.windows_emitted {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "stalled: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several commit intervals pass with every event still unacknowledged.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(stats.events_total(), 0, "nothing can be acknowledged");
+    let during = committed(&bootstrap, "gridwatch");
+    for (partition, limit) in &bound {
+        assert!(
+            during.get(partition).copied().unwrap_or(0) <= *limit,
+            "committed {during:?} passes an unpublished window (bounds {bound:?})"
+        );
+    }
+    assert!(
+        during.values().any(|o| *o > 0),
+        "offsets before the events' windows are committed: {during:?}"
+    );
+    cancel.cancel();
+    let error = task.await.unwrap().unwrap_err().to_string();
+    assert!(error.contains("shutdown_timeout"), "{error}");
+    let after_stop = committed(&bootstrap, "gridwatch");
+    for (partition, limit) in &bound {
+        assert!(after_stop.get(partition).copied().unwrap_or(0) <= *limit);
+    }
+
+    // The topic comes back; the restarted job publishes every event.
+    for partition in 0..2 {
+        fixture
+            .cluster
+            .partition_leader("anomalies", partition, Some(1))
+            .unwrap();
+    }
+    let (stats, cancel, task) = start(&config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while (stats.events_total() as usize) < want.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events missing: {:?}",
+            stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
+    let mut by_id: std::collections::HashMap<String, Vec<u8>> = Default::default();
+    for m in common::read_all(&bootstrap, "anomalies") {
+        let payload = m.payload().unwrap().to_vec();
+        let event = AnomalyEvent::from_value(&codec.decode(&payload).unwrap()).unwrap();
+        if let Some(previous) = by_id.insert(event.event_id.clone(), payload.clone()) {
+            assert_eq!(previous, payload, "a duplicate differs");
+        }
+    }
+    let want_ids: std::collections::BTreeSet<&str> =
+        want.iter().map(|e| e.event_id.as_str()).collect();
+    let got_ids: std::collections::BTreeSet<&str> = by_id.keys().map(String::as_str).collect();
+    assert_eq!(got_ids, want_ids);
+    fixture.close();
+}
+
+/// Readings keyed by sensor, one `Reading` per message, go through `gridwatch route` into a
+/// cell-keyed topic; the run job on that topic publishes exactly the reference events. A reading
+/// of an unknown node is dead-lettered by the route stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_sensor_keyed_readings_give_the_reference_events() {
+    let fixture = Fixture::new().await;
+    let bootstrap = fixture.bootstrap.clone();
+    fixture.cluster.create_topic("raw-readings", 1, 1).unwrap();
+    let mut config = config(&bootstrap);
+    config.route.topics = vec![TopicConfig {
+        name: "raw-readings".into(),
+        payload: PayloadKind::Reading,
+    }];
+    config.route.output_topic = READINGS.into();
+    config.validate().unwrap();
+
+    let codec = Codec::new(RecordKind::Reading, WireFormat::Plain);
+    let mut produced = 0;
+    for (step, cells) in steps().into_iter().enumerate() {
+        for reading in cells.iter().flat_map(|(_, list)| list) {
+            let payload = codec.encode(&reading.to_value()).unwrap();
+            common::produce(
+                &fixture.producer,
+                "raw-readings",
+                &reading.node_id,
+                &payload,
+            )
+            .await;
+            produced += 1;
+        }
+        if step == 50 {
+            let ghost = Reading {
+                node_id: "ghost".into(),
+                ..cells[0].1[0].clone()
+            };
+            let payload = codec.encode(&ghost.to_value()).unwrap();
+            common::produce(&fixture.producer, "raw-readings", "ghost", &payload).await;
+            produced += 1;
+        }
+    }
+
+    let route_stats = Arc::new(Stats::default());
+    let route_cancel = CancellationToken::new();
+    let route = tokio::spawn({
+        let (config, stats, cancel) = (
+            config.clone(),
+            Arc::clone(&route_stats),
+            route_cancel.clone(),
+        );
+        async move { gridwatch::route::run(&config, stats, Arc::new(Default::default()), cancel).await }
+    });
+    let (stats, cancel, task) = start(&config);
+    let want = reference_events(&config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while (stats.events_total() as usize) < want.len()
+        || route_stats.snapshot().messages_consumed < produced
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "route {:?}, run {:?}",
+            route_stats.snapshot(),
+            stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    route_cancel.cancel();
+    let report = route.await.unwrap().unwrap();
+    assert_eq!(report.messages, produced);
+    assert_eq!(report.dead_lettered, 1);
+    assert_eq!(report.routed, produced - 1);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+
+    let event_codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
+    let mut got: Vec<AnomalyEvent> = common::read_all(&bootstrap, "anomalies")
+        .iter()
+        .map(|m| {
+            AnomalyEvent::from_value(&event_codec.decode(m.payload().unwrap()).unwrap()).unwrap()
+        })
+        .collect();
+    got.sort_by(|a, b| (&a.cell_id, a.window_end_ms).cmp(&(&b.cell_id, b.window_end_ms)));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_same_event(g, w);
+    }
+    // Every routed message is keyed by its cell.
+    for m in common::read_all(&bootstrap, READINGS) {
+        let key = std::str::from_utf8(m.key().unwrap()).unwrap();
+        assert!(key.starts_with("line-"), "{key}");
+    }
+    let letters = common::read_all(&bootstrap, "gridwatch-dlq");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        common::header(&letters[0], dead_letter_headers::REASON).as_deref(),
+        Some("unknown_node")
+    );
     fixture.close();
 }
