@@ -16,7 +16,8 @@
 //!   the cell): after a start, or a restart from committed offsets, no window with a truncated
 //!   history is emitted. It is a `[T × N × F]` tensor of per-step means of the raw values
 //!   (physical units; normalisation belongs to the model that scores them) plus a mask that is 1 exactly where something was observed; unobserved entries are 0
-//!   in the values and 0 in the mask, never a silent zero reading.
+//!   in the values and 0 in the mask, never a silent zero reading. Its node axis is in node-id
+//!   order, whatever order the nodes arrived in, so a replay builds the same tensor.
 //! - A step is kept until no future window needs it, nor the warm-up margin before the next
 //!   window (so a restart from committed offsets can emit that window whole). [`Assembler::low_water`] is the least
 //!   source offset, per partition, of any reading in a kept step; every emitted [`Window`]
@@ -500,6 +501,10 @@ fn build(spec: &AssembleSpec, cell: &Arc<str>, state: &CellState, end: i64) -> O
     let f = spec.features();
     let n = state.nodes.len();
     let start = end - t as i64;
+    // Nodes in id order, not arrival order: a replay that meets the nodes in another order
+    // still builds the same tensor, so its scores (float sums included) are bit-identical.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_unstable_by(|&a, &b| state.nodes[a].cmp(&state.nodes[b]));
     let mut values = vec![0.0f32; t * n * f];
     let mut mask = vec![0.0f32; t * n * f];
     let mut observed = 0usize;
@@ -525,11 +530,15 @@ fn build(spec: &AssembleSpec, cell: &Arc<str>, state: &CellState, end: i64) -> O
         let Some(step) = state.steps.get(step_index as usize) else {
             continue;
         };
-        for (i, (&sum, &count)) in step.sum.iter().zip(&step.count).enumerate().take(n * f) {
-            if count > 0 {
-                values[ti * n * f + i] = sum / f32::from(count);
-                mask[ti * n * f + i] = 1.0;
-                observed += 1;
+        for (to, &from) in order.iter().enumerate() {
+            let entries = step.sum.iter().zip(&step.count).skip(from * f).take(f);
+            for (k, (&sum, &count)) in entries.enumerate() {
+                if count > 0 {
+                    let i = ti * n * f + to * f + k;
+                    values[i] = sum / f32::from(count);
+                    mask[i] = 1.0;
+                    observed += 1;
+                }
             }
         }
     }
@@ -543,7 +552,7 @@ fn build(spec: &AssembleSpec, cell: &Arc<str>, state: &CellState, end: i64) -> O
         cell: Arc::clone(cell),
         start_ms: start.saturating_mul(spec.cadence_ms),
         end_ms: end.saturating_mul(spec.cadence_ms),
-        nodes: state.nodes.clone(),
+        nodes: order.iter().map(|&i| Arc::clone(&state.nodes[i])).collect(),
         values,
         mask,
         missing_fraction: 1.0 - observed_fraction,

@@ -481,3 +481,23 @@ fn a_restart_from_any_windows_hold_emits_that_window_again() {
         );
     }
 }
+
+#[test]
+fn the_node_axis_is_in_id_order_whatever_the_arrival_order() {
+    let mut windows = Vec::new();
+    for arrival in [["b", "a", "c"], ["c", "b", "a"]] {
+        let mut feed = Feed::new(spec(0));
+        for s in 0..8 {
+            for node in arrival {
+                let v = node.as_bytes()[0] as f64 + s as f64;
+                feed.add(reading(node, s * 1_000, &[("current", v)]));
+            }
+        }
+        windows.push(feed.windows.remove(0));
+    }
+    let names: Vec<&str> = windows[0].nodes.iter().map(|n| &**n).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert_eq!(windows[0].nodes, windows[1].nodes);
+    assert_eq!(windows[0].values, windows[1].values);
+    assert_eq!(windows[0].mask, windows[1].mask);
+}
