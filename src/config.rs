@@ -339,6 +339,16 @@ pub enum BadInputPolicy {
     Fail,
 }
 
+/// The delivery guarantee of events and dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Every event at least once; duplicates are byte-identical with the same `event_id`.
+    AtLeastOnce,
+    /// Transactions (KIP-98/KIP-447). Not implemented: refused at start-up.
+    ExactlyOnce,
+}
+
 /// Output topics.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -352,6 +362,8 @@ pub struct SinkConfig {
     pub wire_format: WireFormat,
     /// Schema id written in front of events when `wire_format = "confluent"`.
     pub event_schema_id: u32,
+    /// `at-least-once` (the only one implemented; `exactly-once` is refused).
+    pub delivery: Delivery,
 }
 
 impl Default for SinkConfig {
@@ -362,6 +374,7 @@ impl Default for SinkConfig {
             bad_input: BadInputPolicy::DeadLetter,
             wire_format: WireFormat::Plain,
             event_schema_id: 1,
+            delivery: Delivery::AtLeastOnce,
         }
     }
 }
@@ -493,6 +506,12 @@ impl Config {
         if self.route.group_id == self.source.group_id {
             return invalid(
                 "[route] group_id must differ from [source] group_id: the route stage is a consumer group of its own"
+                    .into(),
+            );
+        }
+        if self.sink.delivery == Delivery::ExactlyOnce {
+            return invalid(
+                "[sink] delivery = \"exactly-once\" is not implemented: gridwatch delivers at least once, and a re-published event is byte-identical with the same event_id, so consumers that key on event_id see each event once (docs/operations.md, \"Delivery guarantee\")"
                     .into(),
             );
         }
@@ -715,6 +734,12 @@ mod tests {
                 .to_string()
                 .contains("enable.auto.offset.store")
         );
+        let f = file("[sink]\ndelivery = \"exactly-once\"\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("not implemented"), "{message}");
+        let f = file("[route]\noutput_topic = \"raw-readings\"\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("loop"), "{message}");
     }
 
     #[test]

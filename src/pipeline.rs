@@ -177,10 +177,11 @@ pub enum Scoring {
 }
 
 /// Follows the spatial-node topic on a task of its own and waits until it has been read to its
-/// end (`[registry] load_timeout`). `None` when `cancel` fires first.
+/// end (`[registry] load_timeout`), then marks it in `health`. `None` when `cancel` fires first.
 pub async fn load_registry(
     config: &Config,
     client: &ClientConfig,
+    health: &Health,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Option<(Arc<Registry>, tokio::task::JoinHandle<anyhow::Result<()>>)>> {
     let resolution = h3o::Resolution::try_from(config.registry.h3_resolution)?;
@@ -214,6 +215,9 @@ pub async fn load_registry(
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
+    tracing::info!(nodes = registry.len(), "Registry ready.");
+    health.set_registry_loaded(true);
+    health.set_broker_reachable(true);
     Ok(Some((registry, registry_task)))
 }
 
@@ -233,32 +237,17 @@ pub async fn run_with(
         loaded.model.provider,
     );
     let client = client_config(config);
-    let Some((registry, registry_task)) = load_registry(config, &client, &cancel).await? else {
+    let Some((registry, registry_task)) = load_registry(config, &client, &health, &cancel).await?
+    else {
         return Ok(RunReport::default());
     };
-    tracing::info!(nodes = registry.len(), "Registry ready.");
-    health.set_registry_loaded(true);
-    health.set_broker_reachable(true);
-
-    let consumer = source::consumer(
+    let (consumer, kinds) = source::subscribe(
         client.clone(),
         &config.source.group_id,
-        config.source.commit_interval.as_millis() as u64,
+        &config.source.topics,
+        config.source.commit_interval,
         Arc::clone(&health),
     )?;
-    let topics: Vec<&str> = config
-        .source
-        .topics
-        .iter()
-        .map(|t| t.name.as_str())
-        .collect();
-    consumer.subscribe(&topics)?;
-    let kinds: HashMap<String, PayloadKind> = config
-        .source
-        .topics
-        .iter()
-        .map(|t| (t.name.clone(), t.payload))
-        .collect();
 
     let decoder = decoder(config)?;
     let sink = Arc::new(Sink::new(client.clone(), &config.sink)?);

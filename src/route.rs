@@ -69,27 +69,18 @@ pub async fn run(
     };
     health.set_model_loaded(true);
     let client = pipeline::client_config(config);
-    let Some((registry, registry_task)) = pipeline::load_registry(config, &client, &cancel).await?
+    let Some((registry, registry_task)) =
+        pipeline::load_registry(config, &client, &health, &cancel).await?
     else {
         return Ok(RouteReport::default());
     };
-    tracing::info!(nodes = registry.len(), "Registry ready.");
-    health.set_registry_loaded(true);
-    health.set_broker_reachable(true);
-
-    let consumer = source::consumer(
+    let (consumer, kinds) = source::subscribe(
         client.clone(),
         &config.route.group_id,
-        config.source.commit_interval.as_millis() as u64,
+        &config.route.topics,
+        config.source.commit_interval,
         Arc::clone(&health),
     )?;
-    let topics: Vec<&str> = config
-        .route
-        .topics
-        .iter()
-        .map(|t| t.name.as_str())
-        .collect();
-    consumer.subscribe(&topics)?;
     let producer: FutureProducer = client
         .clone()
         .set("enable.idempotence", "true")
@@ -100,12 +91,7 @@ pub async fn run(
     let mut router = Router {
         decoder: pipeline::decoder(config)?,
         registry,
-        kinds: config
-            .route
-            .topics
-            .iter()
-            .map(|t| (t.name.clone(), t.payload))
-            .collect(),
+        kinds,
         output: config.route.output_topic.clone(),
         batches: Codec::new(RecordKind::ReadingBatch, config.source.wire_format)
             .with_write_id(write_id),

@@ -16,11 +16,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, ClientContext, Statistics, TopicPartitionList};
 
+use crate::config::TopicConfig;
+use crate::decode::PayloadKind;
 use crate::telemetry::{self, Health};
 
 /// Offsets held by in-flight work, and the consumption position, per partition.
@@ -168,6 +171,21 @@ impl ConsumerContext for SourceContext {
             Err(error) => telemetry::commit_result(false, Some(&error)),
         }
     }
+}
+
+/// [`consumer`], subscribed to `topics`, with the payload kind of each topic.
+pub fn subscribe(
+    client: ClientConfig,
+    group_id: &str,
+    topics: &[TopicConfig],
+    commit_interval: Duration,
+    health: Arc<Health>,
+) -> anyhow::Result<(StreamConsumer<SourceContext>, HashMap<String, PayloadKind>)> {
+    let consumer = consumer(client, group_id, commit_interval.as_millis() as u64, health)?;
+    let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+    consumer.subscribe(&names)?;
+    let kinds = topics.iter().map(|t| (t.name.clone(), t.payload)).collect();
+    Ok((consumer, kinds))
 }
 
 /// The group consumer of the reading topics, with offsets stored only by gridwatch.
