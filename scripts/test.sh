@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine (scripts/setup.sh) and runs the whole test suite: unit tests, the
-# model-contract tests and the pipeline tests on librdkafka's in-process mock cluster.
+# Sets up a fresh machine and runs the whole test suite: unit tests, the model-contract tests,
+# the pipeline tests on librdkafka's in-process mock cluster, and the delivery scenarios on a
+# real broker process (tansu, installed by scripts/install-tansu.sh; tests/broker_faults.rs
+# starts and stops it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
+GRIDWATCH_TANSU="$(scripts/install-tansu.sh | tail -n 1)"
+export GRIDWATCH_TANSU
 cargo test --locked "$@"

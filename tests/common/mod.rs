@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+pub mod broker;
+
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -38,6 +40,7 @@ pub fn read_all(bootstrap: &str, topic: &str) -> Vec<OwnedMessage> {
     let consumer: BaseConsumer = client(bootstrap)
         .set("group.id", format!("reader-{topic}-{}", std::process::id()))
         .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_uncommitted")
         .create()
         .expect("consumer");
     let metadata = consumer
