@@ -67,6 +67,7 @@ pub async fn run(
         ),
         (_, id) => id.unwrap_or(0),
     };
+    // Readiness asks for a loaded model; the route stage has none to wait for.
     health.set_model_loaded(true);
     let client = pipeline::client_config(config);
     let Some((registry, registry_task)) =
