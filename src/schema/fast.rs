@@ -205,42 +205,31 @@ mod tests {
             })
     }
 
-    fn same(a: &Reading, b: &Reading) -> bool {
-        a.node_id == b.node_id
-            && a.event_time_ms == b.event_time_ms
-            && a.sequence == b.sequence
-            && a.values.len() == b.values.len()
-            && a.values
-                .iter()
-                .zip(&b.values)
-                .all(|(x, y)| x.0 == y.0 && x.1.to_bits() == y.1.to_bits())
-    }
-
     proptest! {
         #[test]
         fn well_formed_datums_decode_like_the_generic_path(readings in prop::collection::vec(arb_reading(), 0..8)) {
             for r in &readings {
                 let bytes = write_datum(RecordKind::Reading.schema(), &r.to_value()).unwrap();
                 let fast = read_reading(&bytes).unwrap();
-                prop_assert!(same(&fast, &generic_reading(&bytes).unwrap()));
-                prop_assert!(same(&fast, r));
+                prop_assert!(fast.same_bits(&generic_reading(&bytes).unwrap()));
+                prop_assert!(fast.same_bits(r));
             }
             let bytes = write_datum(RecordKind::ReadingBatch.schema(), &records::batch_to_value(&readings)).unwrap();
             let fast = read_batch(&bytes).unwrap();
             let generic = generic_batch(&bytes).unwrap();
             prop_assert_eq!(fast.len(), generic.len());
-            prop_assert!(fast.iter().zip(&generic).all(|(a, b)| same(a, b)));
+            prop_assert!(fast.iter().zip(&generic).all(|(a, b)| a.same_bits(b)));
         }
 
         #[test]
         fn any_bytes_fail_where_the_generic_path_fails(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
             match (read_reading(&bytes), generic_reading(&bytes)) {
-                (Ok(a), Some(b)) => prop_assert!(same(&a, &b)),
+                (Ok(a), Some(b)) => prop_assert!(a.same_bits(&b)),
                 (Err(_), None) => {}
                 (fast, generic) => prop_assert!(false, "fast {:?} vs generic {:?}", fast, generic),
             }
             match (read_batch(&bytes), generic_batch(&bytes)) {
-                (Ok(a), Some(b)) => prop_assert!(a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| same(x, y))),
+                (Ok(a), Some(b)) => prop_assert!(a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.same_bits(y))),
                 (Err(_), None) => {}
                 (fast, generic) => prop_assert!(false, "fast {:?} vs generic {:?}", fast, generic),
             }
@@ -258,7 +247,7 @@ mod tests {
             variants.push(flipped);
             for v in variants {
                 match (read_reading(&v), generic_reading(&v)) {
-                    (Ok(a), Some(b)) => prop_assert!(same(&a, &b)),
+                    (Ok(a), Some(b)) => prop_assert!(a.same_bits(&b)),
                     (Err(_), None) => {}
                     (fast, generic) => prop_assert!(false, "{:?}: fast {:?} vs generic {:?}", v, fast, generic),
                 }

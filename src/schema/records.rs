@@ -203,6 +203,20 @@ fn opt_union<T>(value: Option<T>, wrap: impl FnOnce(T) -> Value) -> Value {
 }
 
 impl Reading {
+    /// Equal field by field, values compared bit for bit (so NaN equals the same NaN): what
+    /// two decoders of one datum must agree on.
+    pub fn same_bits(&self, other: &Reading) -> bool {
+        self.node_id == other.node_id
+            && self.event_time_ms == other.event_time_ms
+            && self.sequence == other.sequence
+            && self.values.len() == other.values.len()
+            && self
+                .values
+                .iter()
+                .zip(&other.values)
+                .all(|((ka, va), (kb, vb))| ka == kb && va.to_bits() == vb.to_bits())
+    }
+
     pub fn from_value(value: &Value) -> Result<Self, ShapeError> {
         let fields = Fields::of(value, "Reading")?;
         let values = match fields.get("values")? {
