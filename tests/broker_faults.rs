@@ -630,7 +630,10 @@ async fn a_flood_of_bogus_ids_keeps_memory_bounded() {
     assert!(instance.running(), "{}", instance.log_tail(30));
     assert_eq!(dropped_unknown, 1_000_000.0);
     assert_eq!(refused, 15_000.0, "cells beyond the cap are refused");
-    assert_eq!(cells, 5_000.0, "cells held (the plant's went idle and were dropped)");
+    assert_eq!(
+        cells, 5_000.0,
+        "cells held (the plant's went idle and were dropped)"
+    );
     assert!(
         unknown_rss < start_rss + 64 * 1024 * 1024,
         "10^6 unknown ids grew memory from {:.1} to {:.1} MiB",

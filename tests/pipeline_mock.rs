@@ -673,7 +673,8 @@ async fn an_unavailable_output_topic_commits_nothing_unpublished() {
     task.await.unwrap().unwrap();
     let codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
     let mut by_id: std::collections::HashMap<String, Vec<u8>> = Default::default();
-    for m in common::read_all(&bootstrap, "anomalies") {
+    let messages = common::read_all(&bootstrap, "anomalies");
+    for m in &messages {
         let payload = m.payload().unwrap().to_vec();
         let event = AnomalyEvent::from_value(&codec.decode(&payload).unwrap()).unwrap();
         if let Some(previous) = by_id.insert(event.event_id.clone(), payload.clone()) {
@@ -683,6 +684,13 @@ async fn an_unavailable_output_topic_commits_nothing_unpublished() {
     let want_ids: std::collections::BTreeSet<&str> =
         want.iter().map(|e| e.event_id.as_str()).collect();
     let got_ids: std::collections::BTreeSet<&str> = by_id.keys().map(String::as_str).collect();
+    println!(
+        "checker: output topic outage: expected {}, found {}, duplicates {}, lost {}; committed during the outage {during:?}, after the failed stop {after_stop:?}, bounds {bound:?}",
+        want_ids.len(),
+        got_ids.intersection(&want_ids).count(),
+        messages.len() - by_id.len(),
+        want_ids.difference(&got_ids).count()
+    );
     assert_eq!(got_ids, want_ids);
     fixture.close();
 }
