@@ -126,6 +126,11 @@ fn config(bootstrap: &str) -> Config {
         payload: PayloadKind::Batch,
     }];
     config.source.commit_interval = Duration::from_millis(100);
+    // A run that stops without draining (the shutdown-deadline tests) leaves its member behind;
+    // the next run of the group should not wait librdkafka's default 45 s for it to expire.
+    config
+        .kafka
+        .insert("session.timeout.ms".into(), "6000".into());
     config.registry.topic = NODES.into();
     config.infer.max_wait = Duration::from_millis(1);
     config.validate().unwrap();
