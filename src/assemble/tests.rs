@@ -380,27 +380,15 @@ fn idle_cells_are_dropped_and_start_afresh() {
         reading("q", 0, &[("current", 1.0)]),
         &mut out,
     );
-    for s in 0..10 {
-        add_to(
-            &mut assembler,
-            "busy",
-            0,
-            s + 1,
-            reading("b", s * 1_000, &[("current", 1.0)]),
-            &mut out,
-        );
-    }
+    let busy = |assembler: &mut Assembler, steps: std::ops::Range<i64>, out: &mut Vec<Window>| {
+        for s in steps {
+            let r = reading("b", s * 1_000, &[("current", 1.0)]);
+            add_to(assembler, "busy", 0, s + 1, r, out);
+        }
+    };
+    busy(&mut assembler, 0..10, &mut out);
     assert_eq!(assembler.cell_count(), 2, "not idle for 10 s yet");
-    for s in 10..20 {
-        add_to(
-            &mut assembler,
-            "busy",
-            0,
-            s + 1,
-            reading("b", s * 1_000, &[("current", 1.0)]),
-            &mut out,
-        );
-    }
+    busy(&mut assembler, 10..20, &mut out);
     assert_eq!(assembler.cell_count(), 1, "the quiet cell was dropped");
     // It comes back as a new cell, which is not late and not refused.
     assert!(matches!(

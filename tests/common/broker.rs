@@ -278,27 +278,27 @@ impl Gridwatch {
         Some(line[at..].split_whitespace().next()?.to_owned())
     }
 
-    /// The HTTP status of one admin endpoint (`/readyz`, `/healthz`).
-    pub fn http_status(&self, path: &str) -> Option<u16> {
+    /// The whole HTTP response of one admin endpoint.
+    fn get(&self, path: &str) -> Option<String> {
         use std::io::{Read, Write};
         let address = self.admin_address()?;
         let mut stream = std::net::TcpStream::connect(address).ok()?;
         write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
-        response.split_whitespace().nth(1)?.parse().ok()
+        Some(response)
+    }
+
+    /// The HTTP status of one admin endpoint (`/readyz`, `/healthz`).
+    pub fn http_status(&self, path: &str) -> Option<u16> {
+        self.get(path)?.split_whitespace().nth(1)?.parse().ok()
     }
 
     /// The value of one metric line of `/metrics` (the first whose name and labels start
     /// with `prefix`).
     pub fn metric(&self, prefix: &str) -> Option<f64> {
-        use std::io::{Read, Write};
-        let address = self.admin_address()?;
-        let mut stream = std::net::TcpStream::connect(address).ok()?;
-        write!(stream, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).ok()?;
-        body.lines()
+        self.get("/metrics")?
+            .lines()
             .find(|l| l.starts_with(prefix))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
     }
