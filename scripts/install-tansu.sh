@@ -2,7 +2,7 @@
 # Installs tansu 0.6.0, the Apache-Kafka-compatible broker written in Rust that the delivery
 # scenarios in tests/broker_faults.rs run against, when it is missing. It builds from crates.io
 # with two storage engines: `dynostore` (in memory) and `libsql` (SQLite, so that a broker
-# restart keeps its topics). About 15 minutes on 2 cores, once; the binary goes to its own
+# restart keeps its topics). 15 to 25 minutes on 2 cores, once; the binary goes to its own
 # folder, away from any tansu already on the PATH:
 #   ${GRIDWATCH_TOOLS:-$HOME/.local/share/gridwatch}/tansu-0.6.0/bin/tansu
 # Prints the path of the binary on its last line.
@@ -17,7 +17,7 @@ installed() {
 }
 
 if ! installed; then
-  echo "install-tansu.sh: building tansu $version (dynostore, libsql) from crates.io into $root" >&2
+  echo "install-tansu.sh: building tansu $version (dynostore, libsql) from crates.io into $root; 15-25 minutes on 2 cores" >&2
   cargo install tansu --version "$version" --locked --features dynostore,libsql \
     --root "$root" --quiet >&2
 fi
