@@ -292,6 +292,7 @@ impl Router {
             let payload = self.batches.encode(&records::batch_to_value(&list))?;
             self.report.routed += list.len() as u64;
             self.report.batches += 1;
+            telemetry::readings_routed(list.len());
             let delivery = self.enqueue(&cell, &payload).await?;
             self.ledger.lock().expect("ledger lock").hold(id, offset);
             self.in_flight.push(Box::pin(async move {

@@ -282,6 +282,12 @@ pub fn offsets_stored(stats: &Stats, partitions: usize) {
     tracing::trace!(partitions, "Stored offsets.");
 }
 
+/// `gridwatch route` enqueued one cell-keyed batch of `readings` readings.
+pub fn readings_routed(readings: usize) {
+    metrics::counter!("gridwatch_routed_readings_total").increment(readings as u64);
+    metrics::counter!("gridwatch_routed_batches_total").increment(1);
+}
+
 /// Cells whose windows this instance holds (bounded by `[assemble] max_cells`).
 pub fn cells_held(cells: usize) {
     metrics::gauge!("gridwatch_cells").set(cells as f64);

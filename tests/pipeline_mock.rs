@@ -705,6 +705,7 @@ async fn an_unavailable_output_topic_commits_nothing_unpublished() {
 /// of an unknown node is dead-lettered by the route stage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routed_sensor_keyed_readings_give_the_reference_events() {
+    let metrics = gridwatch::admin::metrics_handle();
     let fixture = Fixture::new().await;
     let bootstrap = fixture.bootstrap.clone();
     fixture.cluster.create_topic("raw-readings", 1, 1).unwrap();
@@ -770,6 +771,13 @@ async fn routed_sensor_keyed_readings_give_the_reference_events() {
     assert_eq!(report.messages, produced);
     assert_eq!(report.dead_lettered, 1);
     assert_eq!(report.routed, produced - 1);
+    let rendered = metrics.render();
+    for name in [
+        "gridwatch_routed_readings_total",
+        "gridwatch_routed_batches_total",
+    ] {
+        assert!(rendered.contains(name), "/metrics lacks {name}");
+    }
     cancel.cancel();
     task.await.unwrap().unwrap();
 
