@@ -111,6 +111,9 @@ pub enum Admission {
     CellFull,
     /// The cell is new and this instance already holds `max_cells` cells.
     TooManyCells,
+    /// A numbered reading already seen (same node, sequence and event time no newer than the
+    /// node's newest): ignored.
+    Duplicate,
 }
 
 /// What happened to the windows that closed while adding a reading.
@@ -167,6 +170,8 @@ fn merge_low(low: &mut Vec<(i32, i64)>, partition: i32, offset: i64) {
 struct CellState {
     nodes: Vec<Arc<str>>,
     slots: HashMap<Arc<str>, usize>,
+    /// Per slot, the (sequence, event time) of the newest numbered reading accepted.
+    latest: Vec<Option<(i64, i64)>>,
     /// Step index of `steps[0]`.
     base_step: i64,
     steps: VecDeque<Step>,
@@ -255,6 +260,7 @@ impl Assembler {
             .or_insert_with(|| CellState {
                 nodes: Vec::new(),
                 slots: HashMap::new(),
+                latest: Vec::new(),
                 base_step: step,
                 steps: VecDeque::new(),
                 closed_before: partition_closed,
@@ -262,6 +268,18 @@ impl Assembler {
                 last_data_step: i64::MIN,
                 first_data_step: step,
             });
+        // A numbered reading no newer than the node's newest, in sequence and in event time, is
+        // a copy from an upstream replay (a restarted `gridwatch route`, a producer retry
+        // without idempotence): averaging it in again would skew the step's mean, and calling
+        // it late would fill the dead-letter topic with copies. A sensor that restarts its
+        // numbering sends newer event times, so it is not mistaken for one.
+        if let (Some(sequence), Some(&slot)) = (reading.sequence, state.slots.get(node))
+            && let Some((seq, time)) = state.latest[slot]
+            && sequence <= seq
+            && reading.event_time_ms <= time
+        {
+            return Admission::Duplicate;
+        }
         if step < state.closed_before {
             return Admission::Late {
                 step_end_ms: step.saturating_add(1).saturating_mul(self.spec.cadence_ms),
@@ -287,6 +305,7 @@ impl Assembler {
                 let slot = state.nodes.len();
                 state.nodes.push(Arc::clone(node));
                 state.slots.insert(Arc::clone(node), slot);
+                state.latest.push(None);
                 slot
             }
         };
@@ -308,6 +327,12 @@ impl Assembler {
         }
         state.last_data_step = state.last_data_step.max(step);
         state.first_data_step = state.first_data_step.min(step);
+        if let Some(sequence) = reading.sequence {
+            let newest = state.latest[slot].map_or((sequence, reading.event_time_ms), |(s, t)| {
+                (s.max(sequence), t.max(reading.event_time_ms))
+            });
+            state.latest[slot] = Some(newest);
+        }
         if !state.partitions.contains(&at.partition) {
             state.partitions.push(at.partition);
             drop(state);

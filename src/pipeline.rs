@@ -544,6 +544,7 @@ impl Ingest {
                     telemetry::reading_accepted(&self.stats, ignored)
                 }
                 Admission::NoModelChannel => telemetry::reading_without_model_channel(&self.stats),
+                Admission::Duplicate => telemetry::duplicate_reading(),
                 Admission::Late {
                     step_end_ms,
                     watermark_ms,

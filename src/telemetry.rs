@@ -282,6 +282,11 @@ pub fn offsets_stored(stats: &Stats, partitions: usize) {
     tracing::trace!(partitions, "Stored offsets.");
 }
 
+/// A numbered reading that was already used (an upstream replay) was ignored.
+pub fn duplicate_reading() {
+    metrics::counter!("gridwatch_duplicate_readings_total").increment(1);
+}
+
 /// `gridwatch route` enqueued one cell-keyed batch of `readings` readings.
 pub fn readings_routed(readings: usize) {
     metrics::counter!("gridwatch_routed_readings_total").increment(readings as u64);

@@ -489,3 +489,49 @@ fn the_node_axis_is_in_id_order_whatever_the_arrival_order() {
     assert_eq!(windows[0].values, windows[1].values);
     assert_eq!(windows[0].mask, windows[1].mask);
 }
+
+#[test]
+fn replayed_numbered_readings_are_duplicates_and_change_nothing() {
+    let numbered = |node: &str, t: i64, seq: i64, v: f64| Reading {
+        sequence: Some(seq),
+        ..reading(node, t, &[("current", v)])
+    };
+    let mut once = Feed::new(spec(2_000));
+    let mut replayed = Feed::new(spec(2_000));
+    for s in 0..12 {
+        // Two readings of node a per step, numbered; b unnumbered.
+        let a = [
+            numbered("a", s * 1_000, 2 * s, s as f64),
+            numbered("a", s * 1_000 + 500, 2 * s + 1, 3.0 * s as f64),
+        ];
+        for r in &a {
+            once.add(r.clone());
+            replayed.add(r.clone());
+        }
+        once.add(reading("b", s * 1_000, &[("current", 1.0)]));
+        replayed.add(reading("b", s * 1_000, &[("current", 1.0)]));
+        // An upstream replay sends the last three readings of a again, some in closed steps.
+        if s >= 2 && s % 3 == 0 {
+            for back in [
+                numbered("a", (s - 1) * 1_000 + 500, 2 * s - 1, 3.0 * (s - 1) as f64),
+                a[0].clone(),
+                a[1].clone(),
+            ] {
+                assert_eq!(replayed.add(back), Admission::Duplicate);
+            }
+        }
+    }
+    assert!(!once.windows.is_empty());
+    assert_eq!(once.windows.len(), replayed.windows.len());
+    for (x, y) in once.windows.iter().zip(&replayed.windows) {
+        assert_eq!(
+            (x.end_ms, &x.values, &x.mask),
+            (y.end_ms, &y.values, &y.mask)
+        );
+    }
+    // A sensor that restarts its numbering is not a replay: its event times are newer.
+    assert!(matches!(
+        once.add(numbered("a", 12_000, 0, 1.0)),
+        Admission::Accepted { .. }
+    ));
+}
