@@ -3,8 +3,9 @@
 # scenarios in tests/broker_faults.rs run against, when it is missing. It builds from crates.io
 # with two storage engines: `dynostore` (in memory) and `libsql` (SQLite, so that a broker
 # restart keeps its topics), at optimisation level 1: the tests need a correct broker, not a
-# fast one: 8.5 minutes on 2 cores (the default level took 24 on cores shared with other builds). Once per
-# machine; the binary goes to its own folder, away from any tansu already on the PATH:
+# fast one. 8.5 minutes on 2 cores (the default level took 24, on cores shared with other
+# builds). Once per machine; the binary goes to its own folder, away from any tansu already on
+# the PATH:
 #   ${GRIDWATCH_TOOLS:-$HOME/.local/share/gridwatch}/tansu-0.6.0/bin/tansu
 # Prints the path of the binary on its last line.
 set -euo pipefail
