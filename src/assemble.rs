@@ -344,6 +344,18 @@ impl Assembler {
         Admission::Accepted { ignored }
     }
 
+    /// Moves `partition`'s clock to `event_time_ms` as if a reading stamped then had arrived,
+    /// and appends every window that closes. An offline replay calls it once past its last
+    /// reading to close the final windows.
+    pub fn advance_to(
+        &mut self,
+        partition: i32,
+        event_time_ms: i64,
+        out: &mut Vec<Window>,
+    ) -> Closed {
+        self.advance(partition, event_time_ms, out)
+    }
+
     /// Moves the partition's clock to `event_time_ms` and closes what that allows.
     fn advance(&mut self, partition: i32, event_time_ms: i64, out: &mut Vec<Window>) -> Closed {
         let clock = self.clocks.entry(partition).or_insert(PartitionClock {

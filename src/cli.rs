@@ -41,7 +41,9 @@ impl Cli {
     pub fn log_filter(&self) -> String {
         match (&self.log_level, &self.command) {
             (Some(level), _) => level.clone(),
-            (None, Command::Demo(_) | Command::Tail(_) | Command::Bench(_)) => "warn".into(),
+            (None, Command::Demo(_) | Command::Tail(_) | Command::Bench(_) | Command::Eval(_)) => {
+                "warn".into()
+            }
             (None, _) => "info,ort=warn".into(),
         }
     }
@@ -67,6 +69,11 @@ pub enum Command {
     /// Measure throughput against the bare-consumer ceiling, CPU, memory and latency, on the
     /// embedded mock cluster (or a broker given with --brokers). See docs/performance.md.
     Bench(BenchArgs),
+    /// Measure detection quality on a labelled dataset (CSV): replays it through the same
+    /// assemble → infer → detect code as `run`, and prints point-wise precision, recall, F1,
+    /// FAR and MAR (no point-adjust), event recall, false alarms per day and detection delay,
+    /// beside three baselines. Formats and protocol: docs/eval.md.
+    Eval(EvalArgs),
     /// Validate a configuration file (and the model contract and schema files it names)
     /// without connecting to anything.
     CheckConfig(CheckConfigArgs),
@@ -125,6 +132,93 @@ pub struct BenchArgs {
     /// Offered load of the latency run in readings/s (default: half the measured maximum).
     #[arg(long)]
     pub latency_rate: Option<f64>,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example (SKAB's protocol):\n  gridwatch eval --model models/skab-attention-v1.json --fit-rows 400 \\\n    --label-column anomaly --ignore-columns changepoint \\\n    ../shared/data/skab/data/valve1 ../shared/data/skab/data/valve2 ../shared/data/skab/data/other"
+)]
+pub struct EvalArgs {
+    /// Readings CSV files, or directories (every *.csv below them). Each file is one series
+    /// with its own fit range; metrics are pooled over all of them.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Model contract to evaluate instead of the configured one.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Configuration file ([model], [assemble] min_observed_fraction, [detect]).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The first N rows of each file are for fitting and calibration only.
+    #[arg(long, conflicts_with = "fit_until")]
+    pub fit_rows: Option<usize>,
+    /// Rows stamped before this time (RFC 3339 or epoch milliseconds) are for fitting and
+    /// calibration only.
+    #[arg(long, value_parser = parse_eval_time)]
+    pub fit_until: Option<i64>,
+    /// `fit`: each cell's threshold is quantile × factor of its fit-range window scores
+    /// (default when a fit range is given); `contract`: the model's calibrated threshold.
+    #[arg(long, value_enum)]
+    pub threshold: Option<crate::eval::ThresholdPolicy>,
+    #[arg(long, default_value_t = 0.999)]
+    pub fit_quantile: f64,
+    /// Default 4/3, SKAB's reference rule.
+    #[arg(long, default_value_t = 4.0 / 3.0)]
+    pub fit_factor: f64,
+    /// Per-row 0/1 anomaly label column.
+    #[arg(long)]
+    pub label_column: Option<String>,
+    /// Labelled anomalous ranges: CSV (start,end[,node_ids][,series]) or JSON.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Node metadata CSV (node id, lat/lon and/or cell); without it each file is one cell.
+    #[arg(long)]
+    pub nodes: Option<PathBuf>,
+    /// H3 resolution that places nodes with coordinates and no cell.
+    #[arg(long, default_value_t = 8)]
+    pub h3_resolution: u8,
+    /// Time column (default: ts_ms, timestamp, datetime or time if present, else row number
+    /// × cadence from --start).
+    #[arg(long)]
+    pub time_column: Option<String>,
+    /// Cadence of files without a time column (default: the model's).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub cadence: Option<Duration>,
+    /// Time of the first row of files without a time column.
+    #[arg(long, value_parser = parse_eval_time, default_value = "0")]
+    pub start: i64,
+    /// Long format: the column with the node id (one row per node and time).
+    #[arg(long)]
+    pub node_column: Option<String>,
+    /// Wide format: the node id of columns named after a model channel.
+    #[arg(long, default_value = "node")]
+    pub node_id: String,
+    /// Columns to skip (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub ignore_columns: Vec<String>,
+    /// Field separator (default: `;` if the header has more of them than `,`).
+    #[arg(long)]
+    pub delimiter: Option<char>,
+    /// Flagged runs separated by fewer than this many steps count as one alarm.
+    #[arg(long, default_value_t = 0)]
+    pub merge_gap: usize,
+    /// Seed of the random baseline.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Windows per inference call.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Also write the report as JSON to this file (`-`: standard output, instead of the table).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn parse_eval_time(s: &str) -> Result<i64, String> {
+    crate::eval::dataset::parse_time(s)
+        .ok_or_else(|| format!("`{s}` is neither epoch milliseconds nor an RFC 3339 time"))
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -226,6 +320,13 @@ pub struct SimulateArgs {
     /// Write CSV (ts_ms,node_id,cell_id,channels…) to this file instead of publishing.
     #[arg(long, requires = "steps")]
     pub csv: Option<PathBuf>,
+    /// With --csv: also write the injected faults as labelled ranges
+    /// (`start_ms,end_ms,node_ids,kind`, the format `gridwatch eval --labels` reads).
+    #[arg(long, requires = "csv")]
+    pub labels_csv: Option<PathBuf>,
+    /// With --csv: also write each node's cell (`node_id,cell`, for `gridwatch eval --nodes`).
+    #[arg(long, requires = "csv")]
+    pub nodes_csv: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -379,6 +480,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", crate::bench::report_text(&report));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Eval(args) => eval_command(args),
         Command::CheckConfig(args) => check_config(&args.file),
         Command::Model(ModelCommand::Inspect { path }) => {
             let (contract, onnx) = ModelContract::load(&path)?;
@@ -424,6 +526,65 @@ async fn tail_command(args: TailArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval_command(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    use crate::eval::{self, Fit, ThresholdPolicy};
+    let mut config = Config::load(args.config.as_deref(), env_vars())?;
+    if let Some(model) = args.model {
+        config.model.contract = model;
+    }
+    let fit = match (args.fit_rows, args.fit_until) {
+        (Some(n), _) => Fit::Rows(n),
+        (None, Some(t)) => Fit::Until(t),
+        (None, None) => Fit::Nothing,
+    };
+    let delimiter = match args.delimiter {
+        Some(c) if c.is_ascii() => Some(c as u8),
+        Some(c) => anyhow::bail!("--delimiter `{c}` is not an ASCII character"),
+        None => None,
+    };
+    let options = eval::EvalOptions {
+        inputs: args.inputs,
+        format: eval::dataset::Format {
+            delimiter,
+            time_column: args.time_column,
+            cadence_ms: args.cadence.map_or(0, |d| d.as_millis() as i64),
+            start_ms: args.start,
+            node_column: args.node_column,
+            node_id: args.node_id,
+            label_column: args.label_column,
+            ignore_columns: args.ignore_columns,
+            channels: Vec::new(),
+        },
+        nodes: args.nodes,
+        h3_resolution: args.h3_resolution,
+        labels: args.labels,
+        fit,
+        threshold: args.threshold.unwrap_or(if fit == Fit::Nothing {
+            ThresholdPolicy::Contract
+        } else {
+            ThresholdPolicy::Fit
+        }),
+        fit_quantile: args.fit_quantile,
+        fit_factor: args.fit_factor,
+        merge_gap: args.merge_gap,
+        seed: args.seed,
+        batch: args.batch,
+        progress: !args.quiet,
+    };
+    let report = eval::run(&config, &options)?;
+    let json = serde_json::to_string_pretty(&report)?;
+    match args.json.as_deref() {
+        Some(p) if p == std::path::Path::new("-") => println!("{json}"),
+        Some(p) => {
+            std::fs::write(p, json + "\n")
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?;
+            print!("{}", eval::report_text(&report));
+        }
+        None => print!("{}", eval::report_text(&report)),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -513,6 +674,28 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = args.csv {
         let steps = args.steps.unwrap_or(0);
         simulate::write_csv(&mut plant, steps, &path)?;
+        if let Some(labels) = &args.labels_csv {
+            let mut text = String::from("start_ms,end_ms,node_ids,kind\n");
+            for f in plant.faults() {
+                text += &format!(
+                    "{},{},{},{}\n",
+                    f.start_ms,
+                    f.end_ms,
+                    f.node_id,
+                    f.kind.as_str()
+                );
+            }
+            std::fs::write(labels, text)
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", labels.display()))?;
+        }
+        if let Some(nodes) = &args.nodes_csv {
+            let mut text = String::from("node_id,cell\n");
+            for (cell, node) in plant.nodes() {
+                text += &format!("{node},{cell}\n");
+            }
+            std::fs::write(nodes, text)
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", nodes.display()))?;
+        }
         eprintln!(
             "Wrote {steps} steps of {} nodes to {} ({} faults).",
             plant.nodes().count(),

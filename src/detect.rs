@@ -77,6 +77,19 @@ impl Detector {
         }
     }
 
+    /// The threshold in use.
+    pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+
+    /// The same detector with another threshold (an offline evaluation calibrates its own).
+    pub fn with_threshold(&self, threshold: f64) -> Self {
+        Self {
+            threshold,
+            ..self.clone()
+        }
+    }
+
     /// Whether this detector was built for `contract` (same name, version and file hash).
     pub fn is_for(&self, contract: &ModelContract) -> bool {
         self.model_name == contract.name
@@ -191,6 +204,7 @@ mod tests {
             scoring: String::new(),
             architecture: serde_json::Value::Null,
             training: serde_json::Value::Null,
+            standardisation: Default::default(),
         }
     }
 

@@ -18,7 +18,9 @@
 //! [`telemetry`] (logging and counters), [`admin`] (metrics and health endpoints), [`cli`] (the command line), and the demo plant:
 //! [`simulate`] (the plant simulator as a producer), [`tail`] (the anomaly topic for people) and
 //! [`demo`] (everything on an in-process
-//! mock cluster), and [`bench`] (throughput against the bare-consumer ceiling, latency).
+//! mock cluster), [`bench`] (throughput against the bare-consumer ceiling, latency) and
+//! [`eval`] (detection quality on labelled datasets, through the same assemble → infer → detect
+//! code).
 
 pub mod admin;
 pub mod assemble;
@@ -28,6 +30,7 @@ pub mod config;
 pub mod decode;
 pub mod demo;
 pub mod detect;
+pub mod eval;
 pub mod infer;
 pub mod pipeline;
 pub mod registry;

@@ -29,6 +29,7 @@ use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
 use crate::config::{BadInputPolicy, Config, DetectConfig};
 use crate::decode::{self, Decoder, PayloadKind};
 use crate::detect::Detector;
+use crate::infer::contract::Standardisation;
 use crate::infer::{self, Inferred, Model};
 use crate::registry::Registry;
 use crate::schema::{self, DeadLetterReason, RecordKind, SchemaIds};
@@ -93,6 +94,14 @@ pub struct Loaded {
 pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
     let model = Model::load(&config.model.contract, &config.model)?;
     let contract = &model.contract;
+    if contract.standardisation == Standardisation::PerSeriesFit {
+        anyhow::bail!(
+            "{}: the model expects every series standardised with its own fit-range statistics \
+             (standardisation = \"per-series-fit\"), which `gridwatch eval` does; to stream with it, \
+             write the site's channel mean and std into the contract and set standardisation to \"contract\"",
+            config.model.contract.display()
+        );
+    }
     let spec = AssembleSpec {
         cadence_ms: contract.cadence_ms,
         window_steps: contract.window_steps,

@@ -67,6 +67,23 @@ pub struct ModelContract {
     pub architecture: serde_json::Value,
     #[serde(default)]
     pub training: serde_json::Value,
+    /// Where the channel statistics come from.
+    #[serde(default)]
+    pub standardisation: Standardisation,
+}
+
+/// Where a model's channel statistics (`mean`, `std`) come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Standardisation {
+    /// The contract's, for every cell (the streaming path).
+    #[default]
+    Contract,
+    /// Each series standardised with the statistics of its own fit range (`gridwatch eval`'s
+    /// protocol for datasets such as SKAB, where every experiment has its own operating point);
+    /// the contract's are identity. To stream with such a model, write the site's statistics
+    /// into the contract and set this to `contract`.
+    PerSeriesFit,
 }
 
 /// Names of the model's tensors, in the order gridwatch feeds them.

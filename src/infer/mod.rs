@@ -154,6 +154,26 @@ impl Model {
         Ok(model)
     }
 
+    /// Replaces the contract by one of the same geometry with other channel statistics (an
+    /// offline evaluation standardises each series with its own fit range); the session stays.
+    pub fn set_normalisation(&mut self, stats: &[(f64, f64)]) -> Result<(), InferError> {
+        if stats.len() != self.contract.channels.len() {
+            return Err(InferError::Runtime(format!(
+                "{} channel statistics for a model of {} channels",
+                stats.len(),
+                self.contract.channels.len()
+            )));
+        }
+        let mut contract = (*self.contract).clone();
+        for (channel, &(mean, std)) in contract.channels.iter_mut().zip(stats) {
+            channel.mean = mean;
+            channel.std = std;
+        }
+        self.normalisation = stats.iter().map(|&(m, s)| (m as f32, s as f32)).collect();
+        self.contract = Arc::new(contract);
+        Ok(())
+    }
+
     /// The session's inputs and outputs are the contract's, by name and rank.
     fn check_session(&self) -> Result<(), String> {
         let describe = |outlets: &[ort::value::Outlet]| {

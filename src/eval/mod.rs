@@ -1,0 +1,814 @@
+//! eval: detection quality on a labelled dataset, through the streaming path's own code.
+//!
+//! Each readings file is a series. Its rows become [`Reading`]s fed, in time order, to an
+//! [`Assembler`] cutting one window per step (hop 1); the windows are scored in batches by the
+//! [`Model`] and the [`Detector`] — the same assemble → infer → detect code `gridwatch run`
+//! uses, with no second implementation. Only the thresholds (and, for models that ask for it,
+//! the channel statistics) are calibrated here, on each series' fit range.
+//!
+//! Invariants:
+//! - Rows of the fit range are used for calibration only: no test point is scored with
+//!   anything learnt from the test part (thresholds, statistics, SPOT's initial tail).
+//! - A test point is one (cell, row); it is flagged iff the window ending with its step is
+//!   anomalous. Points without a window (warm-up, too sparse) are not flagged.
+//! - The baselines are computed on the same points in the same run, from the same series.
+//! - The report is a function of the inputs, the model and the options (seeded randomness).
+
+pub mod dataset;
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
+use crate::config::Config;
+use crate::detect::Detector;
+use crate::infer::Model;
+use crate::infer::contract::Standardisation;
+use crate::schema::{Reading, SpatialNode};
+use dataset::{Format, RangeLabel, Series};
+use metrics::{LabelledRange, Metrics, Track};
+
+/// Which rows of each series are for fitting and calibration only.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fit {
+    /// The first `n` rows.
+    Rows(usize),
+    /// Rows stamped before this time.
+    Until(i64),
+    /// None: the model's own calibration is used as it is.
+    Nothing,
+}
+
+/// How the threshold of each cell is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ThresholdPolicy {
+    /// The model contract's calibrated threshold (times `[detect] threshold_scale`).
+    Contract,
+    /// `quantile × factor` of the scores of the windows inside the cell's fit range.
+    Fit,
+}
+
+/// Everything `gridwatch eval` is asked to do.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub inputs: Vec<PathBuf>,
+    pub format: Format,
+    /// Node metadata (cells or coordinates); without it each series is one cell.
+    pub nodes: Option<PathBuf>,
+    pub h3_resolution: u8,
+    /// Labelled ranges (CSV or JSON).
+    pub labels: Option<PathBuf>,
+    pub fit: Fit,
+    pub threshold: ThresholdPolicy,
+    pub fit_quantile: f64,
+    pub fit_factor: f64,
+    /// Flagged runs closer than this many steps count as one alarm.
+    pub merge_gap: usize,
+    pub seed: u64,
+    pub batch: usize,
+    pub progress: bool,
+}
+
+/// What the run found, for people (`report_text`) and machines (JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub dataset: DatasetSummary,
+    pub model: ModelSummary,
+    pub results: Vec<DetectorResult>,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DatasetSummary {
+    pub files: usize,
+    pub nodes: usize,
+    pub cells: usize,
+    pub rows: usize,
+    pub fit_rows: usize,
+    pub readings: u64,
+    /// Readings the assembler refused (cell full, no model channel, …), by reason.
+    pub refused: std::collections::BTreeMap<String, u64>,
+    pub windows_scored: u64,
+    pub windows_sparse: u64,
+    pub windows_warmup: u64,
+    pub test_points: u64,
+    pub anomalous_points: u64,
+    pub labelled_ranges: u64,
+    pub single_node_ranges: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSummary {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub standardisation: Standardisation,
+    pub threshold_policy: ThresholdPolicy,
+    /// Thresholds over cells: least, median, largest.
+    pub thresholds: [f64; 3],
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectorResult {
+    pub detector: String,
+    pub metrics: Metrics,
+    /// For labelled ranges of a single node that were found: how often that node was the top
+    /// contributor of the windows flagged inside the range.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<Attribution>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Attribution {
+    pub ranges: u64,
+    pub top1: u64,
+    pub top1_share: f64,
+}
+
+/// Per node, its largest `e[n,c]` in one window.
+type NodeScores = Vec<(Arc<str>, f64)>;
+
+/// Per cell of a series: what scoring it produced.
+#[derive(Default)]
+struct CellRun {
+    fit_scores: Vec<f64>,
+    detector: Option<Detector>,
+    /// Window end → flagged.
+    flagged: HashMap<i64, bool>,
+    /// Flagged test windows: (window end, per node the largest entry).
+    attributions: Vec<(i64, NodeScores)>,
+}
+
+/// Runs the evaluation; `tick` receives the number of rows done (for a progress bar).
+pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let files = dataset::expand_inputs(&options.inputs)?;
+    let mut model = Model::load(&config.model.contract, &config.model)
+        .with_context(|| format!("loading {}", config.model.contract.display()))?;
+    let contract = Arc::clone(&model.contract);
+    let mut format = options.format.clone();
+    format.channels = contract.channels.iter().map(|c| c.name.clone()).collect();
+    if format.cadence_ms <= 0 {
+        format.cadence_ms = contract.cadence_ms;
+    }
+    if contract.standardisation == Standardisation::PerSeriesFit && options.fit == Fit::Nothing {
+        bail!(
+            "{} standardises each series with its fit range (standardisation = \"per-series-fit\"): \
+             give --fit-rows or --fit-until",
+            config.model.contract.display()
+        );
+    }
+    if options.threshold == ThresholdPolicy::Fit && options.fit == Fit::Nothing {
+        bail!("--threshold fit needs a fit range: give --fit-rows or --fit-until");
+    }
+    let series: Vec<Series> = files
+        .iter()
+        .map(|f| dataset::load_series(f, &format))
+        .collect::<anyhow::Result<_>>()?;
+    let node_info = match &options.nodes {
+        Some(path) => Some(dataset::load_nodes(path)?),
+        None => None,
+    };
+    let ranges = match &options.labels {
+        Some(path) => dataset::load_ranges(path)?,
+        None => Vec::new(),
+    };
+    if ranges.is_empty() && series.iter().all(|s| s.row_labels.is_none()) {
+        bail!("no labels: give --label-column or --labels");
+    }
+    let resolution = h3o::Resolution::try_from(options.h3_resolution)
+        .map_err(|e| anyhow::anyhow!("--h3-resolution {}: {e}", options.h3_resolution))?;
+
+    let total_rows: u64 = series.iter().map(|s| s.rows() as u64).sum();
+    let bar = if options.progress {
+        let bar = indicatif::ProgressBar::new(total_rows);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>12} [{bar:30}] {pos}/{len} rows ({per_sec}, eta {eta})",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix("scoring");
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    let mut summary = DatasetSummary {
+        files: series.len(),
+        ..DatasetSummary::default()
+    };
+    let mut tracks: Vec<Track> = Vec::new();
+    let mut labelled: Vec<LabelledRange> = Vec::new();
+    let mut single_node: Vec<(usize, String, i64, i64)> = Vec::new();
+    let mut baseline_last: Vec<Vec<bool>> = Vec::new();
+    let mut track_cells: Vec<(usize, Arc<str>)> = Vec::new();
+    let mut thresholds = Vec::new();
+    let mut runs: Vec<HashMap<Arc<str>, CellRun>> = Vec::new();
+
+    for (si, s) in series.iter().enumerate() {
+        let fit_rows = match options.fit {
+            Fit::Rows(n) => n.min(s.rows()),
+            Fit::Until(t) => s.times_ms.iter().take_while(|&&x| x < t).count(),
+            Fit::Nothing => 0,
+        };
+        summary.rows += s.rows();
+        summary.fit_rows += fit_rows;
+        summary.nodes += s.nodes.len();
+        if fit_rows == s.rows() {
+            bail!(
+                "{}: every row is in the fit range; nothing is left to test",
+                s.name
+            );
+        }
+        let cell_of_node = place_nodes(s, node_info.as_ref(), resolution)?;
+        let cadence = contract.cadence_ms;
+        let fit_end_ms = s.times_ms[fit_rows].div_euclid(cadence) * cadence;
+
+        if contract.standardisation == Standardisation::PerSeriesFit {
+            model.set_normalisation(&fit_statistics(s, fit_rows))?;
+        }
+        let detector = Detector::new(&model.contract, &config.detect);
+
+        let spec = AssembleSpec {
+            cadence_ms: cadence,
+            window_steps: contract.window_steps,
+            hop_steps: 1,
+            channels: format.channels.clone(),
+            allowed_lateness_ms: 0,
+            max_nodes: contract.max_nodes,
+            min_observed_fraction: config.assemble.min_observed_fraction,
+            max_cells: usize::MAX,
+            idle_cell_ms: i64::MAX,
+        };
+        let mut assembler = Assembler::new(spec);
+        let mut cells: HashMap<Arc<str>, CellRun> = HashMap::new();
+        let mut pending: Vec<Window> = Vec::new();
+        let node_ids: Vec<Arc<str>> = s.nodes.iter().map(|n| Arc::from(n.as_str())).collect();
+        let score_pending = |pending: &mut Vec<Window>,
+                             cells: &mut HashMap<Arc<str>, CellRun>,
+                             model: &mut Model|
+         -> anyhow::Result<()> {
+            for chunk in pending.chunks(options.batch.max(1)) {
+                let recon = model.run(chunk)?;
+                for (w, r) in chunk.iter().zip(&recon) {
+                    let cell = cells.entry(Arc::clone(&w.cell)).or_default();
+                    let score = detector.score(w, r);
+                    if w.end_ms <= fit_end_ms {
+                        cell.fit_scores.push(score.score);
+                        continue;
+                    }
+                    if cell.detector.is_none() {
+                        let threshold = match options.threshold {
+                            ThresholdPolicy::Contract => detector.threshold(),
+                            ThresholdPolicy::Fit => fit_threshold(
+                                &cell.fit_scores,
+                                options.fit_quantile,
+                                options.fit_factor,
+                            )
+                            .with_context(|| {
+                                format!(
+                                    "{} cell {}: no window lies inside the fit range \
+                                             (it needs more than {} rows)",
+                                    s.name, w.cell, contract.window_steps
+                                )
+                            })?,
+                        };
+                        cell.detector = Some(detector.with_threshold(threshold));
+                    }
+                    let d = cell.detector.as_ref().expect("set above");
+                    let (score, event) = d.detect(w, r);
+                    cell.flagged.insert(w.end_ms, event.is_some());
+                    if event.is_some() {
+                        let mut per_node: NodeScores = Vec::new();
+                        for &(slot, _, e) in &score.entries {
+                            match per_node.iter_mut().find(|(n, _)| *n == w.nodes[slot]) {
+                                Some((_, m)) => *m = m.max(e),
+                                None => per_node.push((Arc::clone(&w.nodes[slot]), e)),
+                            }
+                        }
+                        cell.attributions.push((w.end_ms, per_node));
+                    }
+                }
+            }
+            pending.clear();
+            Ok(())
+        };
+
+        for row in 0..s.rows() {
+            let time = s.times_ms[row];
+            for (ni, node) in node_ids.iter().enumerate() {
+                let values: Vec<(String, f64)> = (0..s.channels)
+                    .filter_map(|c| {
+                        let v = s.value(row, ni, c);
+                        v.is_finite().then(|| (format.channels[c].clone(), v))
+                    })
+                    .collect();
+                if values.is_empty() {
+                    continue;
+                }
+                let reading = Reading {
+                    node_id: node.to_string(),
+                    event_time_ms: time,
+                    values,
+                    sequence: None,
+                };
+                summary.readings += 1;
+                let at = Provenance {
+                    partition: 0,
+                    offset: row as i64,
+                };
+                let (admission, closed) =
+                    assembler.add(&cell_of_node[ni], node, &reading, at, &mut pending);
+                summary.windows_sparse += closed.sparse as u64;
+                summary.windows_warmup += closed.warmup as u64;
+                if let Some(reason) = refusal(admission) {
+                    *summary.refused.entry(reason.into()).or_default() += 1;
+                }
+            }
+            if pending.len() >= options.batch {
+                summary.windows_scored += pending.len() as u64;
+                score_pending(&mut pending, &mut cells, &mut model)?;
+            }
+            bar.inc(1);
+        }
+        let last = *s.times_ms.last().expect("a series has rows");
+        let closed = assembler.advance_to(0, last + 2 * cadence, &mut pending);
+        summary.windows_sparse += closed.sparse as u64;
+        summary.windows_warmup += closed.warmup as u64;
+        summary.windows_scored += pending.len() as u64;
+        score_pending(&mut pending, &mut cells, &mut model)?;
+
+        // The test points of every cell of this series, and their labels.
+        let mut cell_names: Vec<Arc<str>> = cell_of_node.clone();
+        cell_names.sort();
+        cell_names.dedup();
+        let test_rows = fit_rows..s.rows();
+        let series_ranges: Vec<&RangeLabel> = ranges.iter().filter(|r| r.applies_to(s)).collect();
+        let first_track = tracks.len();
+        for cell in &cell_names {
+            let nodes_here: Vec<usize> = (0..s.nodes.len())
+                .filter(|&n| cell_of_node[n] == *cell)
+                .collect();
+            let run = cells.get(cell);
+            if let Some(d) = run.and_then(|r| r.detector.as_ref()) {
+                thresholds.push(d.threshold());
+            }
+            let mut track = Track {
+                series: si,
+                cadence_ms: cadence,
+                ..Track::default()
+            };
+            for row in test_rows.clone() {
+                let t = s.times_ms[row];
+                let end = (t.div_euclid(cadence) + 1) * cadence;
+                let by_row = s.row_labels.as_ref().is_some_and(|l| l[row]);
+                let by_range = series_ranges.iter().any(|r| {
+                    t >= r.start_ms
+                        && t < r.end_ms
+                        && (r.nodes.is_empty()
+                            || nodes_here.iter().any(|&n| r.nodes.contains(&s.nodes[n])))
+                });
+                track.times_ms.push(t);
+                track.labels.push(by_row || by_range);
+                track.flagged.push(
+                    run.and_then(|r| r.flagged.get(&end))
+                        .copied()
+                        .unwrap_or(false),
+                );
+            }
+            baseline_last.push(last_value_flags(s, &nodes_here, fit_rows, options));
+            track_cells.push((si, Arc::clone(cell)));
+            tracks.push(track);
+        }
+        // Ranges: per-row label runs, and the given ranges placed on this series' cells.
+        if s.row_labels.is_some() {
+            for (ti, track) in tracks.iter().enumerate().skip(first_track) {
+                labelled.extend(metrics::label_runs(track, ti));
+            }
+        }
+        let test_start = s.times_ms[fit_rows];
+        for r in &series_ranges {
+            let start = r.start_ms.max(test_start);
+            if start >= r.end_ms {
+                continue;
+            }
+            let on: Vec<usize> = (first_track..tracks.len())
+                .filter(|&ti| {
+                    r.nodes.is_empty()
+                        || (0..s.nodes.len()).any(|n| {
+                            cell_of_node[n] == track_cells[ti].1 && r.nodes.contains(&s.nodes[n])
+                        })
+                })
+                .collect();
+            if on.is_empty() {
+                continue;
+            }
+            if let [node] = r.nodes.as_slice() {
+                single_node.push((on[0], node.clone(), start, r.end_ms));
+            }
+            labelled.push(LabelledRange {
+                start_ms: start,
+                end_ms: r.end_ms,
+                tracks: on,
+            });
+        }
+        summary.cells += cell_names.len();
+        runs.push(cells);
+    }
+    bar.finish_and_clear();
+
+    summary.test_points = tracks.iter().map(|t| t.labels.len() as u64).sum();
+    summary.anomalous_points = tracks
+        .iter()
+        .map(|t| t.labels.iter().filter(|&&l| l).count() as u64)
+        .sum();
+    summary.labelled_ranges = labelled.len() as u64;
+    summary.single_node_ranges = single_node.len() as u64;
+
+    let mut results = Vec::new();
+    let model_metrics = metrics::compute(&tracks, &labelled, options.merge_gap);
+    let attribution = attribution(&track_cells, &runs, &single_node, contract.cadence_ms);
+    results.push(DetectorResult {
+        detector: format!("{} v{}", contract.name, contract.version),
+        metrics: model_metrics,
+        attribution: Some(attribution),
+    });
+    let with_flags = |flags: &dyn Fn(usize, &Track) -> Vec<bool>| -> Vec<Track> {
+        tracks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Track {
+                flagged: flags(i, t),
+                ..t.clone()
+            })
+            .collect()
+    };
+    let all = with_flags(&|_, t| vec![true; t.labels.len()]);
+    results.push(DetectorResult {
+        detector: "baseline: all anomalous".into(),
+        metrics: metrics::compute(&all, &labelled, options.merge_gap),
+        attribution: None,
+    });
+    let prevalence = if summary.test_points > 0 {
+        summary.anomalous_points as f64 / summary.test_points as f64
+    } else {
+        0.0
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(options.seed);
+    let random: Vec<Vec<bool>> = tracks
+        .iter()
+        .map(|t| {
+            t.labels
+                .iter()
+                .map(|_| rng.random::<f64>() < prevalence)
+                .collect()
+        })
+        .collect();
+    let random = with_flags(&|i, _| random[i].clone());
+    results.push(DetectorResult {
+        detector: format!("baseline: random ({:.1} % flagged)", prevalence * 100.0),
+        metrics: metrics::compute(&random, &labelled, options.merge_gap),
+        attribution: None,
+    });
+    if options.fit != Fit::Nothing {
+        let last = with_flags(&|i, _| baseline_last[i].clone());
+        results.push(DetectorResult {
+            detector: "baseline: last-value error".into(),
+            metrics: metrics::compute(&last, &labelled, options.merge_gap),
+            attribution: None,
+        });
+    }
+
+    thresholds.sort_by(f64::total_cmp);
+    let spread = if thresholds.is_empty() {
+        [0.0; 3]
+    } else {
+        [
+            thresholds[0],
+            thresholds[thresholds.len() / 2],
+            thresholds[thresholds.len() - 1],
+        ]
+    };
+    Ok(Report {
+        dataset: summary,
+        model: ModelSummary {
+            name: contract.name.clone(),
+            version: contract.version.clone(),
+            sha256: contract.onnx_sha256.clone(),
+            standardisation: contract.standardisation,
+            threshold_policy: options.threshold,
+            thresholds: spread,
+        },
+        results,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn refusal(admission: Admission) -> Option<&'static str> {
+    match admission {
+        Admission::Accepted { .. } => None,
+        Admission::NoModelChannel => Some("no_model_channel"),
+        Admission::Late { .. } => Some("late"),
+        Admission::CellFull => Some("cell_full"),
+        Admission::TooManyCells => Some("cell_limit"),
+        Admission::Duplicate => Some("duplicate"),
+    }
+}
+
+/// The cell of every node of `s`: from the metadata (its cell, else the H3 cell of its
+/// coordinates, as the registry places nodes), or the series' name without metadata.
+fn place_nodes(
+    s: &Series,
+    info: Option<&HashMap<String, dataset::NodeInfo>>,
+    resolution: h3o::Resolution,
+) -> anyhow::Result<Vec<Arc<str>>> {
+    let Some(info) = info else {
+        let cell: Arc<str> = Arc::from(s.name.as_str());
+        return Ok(vec![cell; s.nodes.len()]);
+    };
+    let missing: Vec<&String> = s.nodes.iter().filter(|n| !info.contains_key(*n)).collect();
+    if !missing.is_empty() {
+        bail!(
+            "{}: {} node(s) have no metadata, e.g. {:?}",
+            s.name,
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+    s.nodes
+        .iter()
+        .map(|n| {
+            let i = &info[n];
+            let node = SpatialNode {
+                node_id: n.clone(),
+                latitude: i.latitude,
+                longitude: i.longitude,
+                cell_id: i.cell.clone(),
+                ..SpatialNode::default()
+            };
+            crate::registry::cell_of(&node, resolution)
+                .map(|c| Arc::from(c.as_str()))
+                .map_err(anyhow::Error::from)
+        })
+        .collect()
+}
+
+/// Per channel `(mean, std)` of the fit rows of `s`, over every node; a channel that does not
+/// vary there gets std 1 (its deviations then read in its own units).
+pub fn fit_statistics(s: &Series, fit_rows: usize) -> Vec<(f64, f64)> {
+    (0..s.channels)
+        .map(|c| {
+            let values: Vec<f64> = (0..fit_rows)
+                .flat_map(|r| (0..s.nodes.len()).map(move |n| (r, n)))
+                .map(|(r, n)| s.value(r, n, c))
+                .filter(|v| v.is_finite())
+                .collect();
+            if values.is_empty() {
+                return (0.0, 1.0);
+            }
+            let mean = values.iter().sum::<f64>() / values.len() as f64;
+            let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / values.len() as f64;
+            let std = var.sqrt();
+            (
+                mean,
+                if std > 1e-9 * mean.abs().max(1.0) {
+                    std
+                } else {
+                    1.0
+                },
+            )
+        })
+        .collect()
+}
+
+/// `quantile × factor` of `scores` (linear interpolation, numpy's default); `None` if empty.
+pub fn fit_threshold(scores: &[f64], quantile: f64, factor: f64) -> Option<f64> {
+    let mut s: Vec<f64> = scores.iter().copied().filter(|v| v.is_finite()).collect();
+    if s.is_empty() {
+        return None;
+    }
+    s.sort_by(f64::total_cmp);
+    let pos = quantile.clamp(0.0, 1.0) * (s.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let q = s[lo] + (s[hi] - s[lo]) * (pos - lo as f64);
+    Some(q * factor)
+}
+
+/// The last-value baseline's flags on the test rows of the nodes `nodes` of `s`: a row's
+/// score is the largest squared change since the previous row over its nodes and channels,
+/// each in units of the standard deviation of that node and channel's changes in the fit
+/// rows; the threshold follows the same fit rule as the model's.
+fn last_value_flags(
+    s: &Series,
+    nodes: &[usize],
+    fit_rows: usize,
+    options: &EvalOptions,
+) -> Vec<bool> {
+    let scale: Vec<f64> = nodes
+        .iter()
+        .flat_map(|&n| (0..s.channels).map(move |c| (n, c)))
+        .map(|(n, c)| {
+            let diffs: Vec<f64> = (1..fit_rows)
+                .map(|r| s.value(r, n, c) - s.value(r - 1, n, c))
+                .filter(|d| d.is_finite())
+                .collect();
+            if diffs.len() < 2 {
+                return 1.0;
+            }
+            let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+            let var = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / diffs.len() as f64;
+            if var > 0.0 { var.sqrt() } else { 1.0 }
+        })
+        .collect();
+    let score = |r: usize| -> f64 {
+        if r == 0 {
+            return 0.0;
+        }
+        let mut best = 0.0f64;
+        for (k, (&n, c)) in nodes
+            .iter()
+            .flat_map(|n| (0..s.channels).map(move |c| (n, c)))
+            .enumerate()
+        {
+            let d = (s.value(r, n, c) - s.value(r - 1, n, c)) / scale[k];
+            if d.is_finite() {
+                best = best.max(d * d);
+            }
+        }
+        best
+    };
+    let fit: Vec<f64> = (1..fit_rows).map(score).collect();
+    let Some(threshold) = fit_threshold(&fit, options.fit_quantile, options.fit_factor) else {
+        return vec![false; s.rows() - fit_rows];
+    };
+    (fit_rows..s.rows())
+        .map(|r| score(r) >= threshold)
+        .collect()
+}
+
+/// How often the labelled node of a found single-node range is the top contributor, summed
+/// over the windows flagged inside the range.
+fn attribution(
+    track_cells: &[(usize, Arc<str>)],
+    runs: &[HashMap<Arc<str>, CellRun>],
+    single_node: &[(usize, String, i64, i64)],
+    cadence_ms: i64,
+) -> Attribution {
+    let mut a = Attribution::default();
+    for (ti, node, start, end) in single_node {
+        let (si, cell) = &track_cells[*ti];
+        let Some(run) = runs[*si].get(cell) else {
+            continue;
+        };
+        let mut totals: NodeScores = Vec::new();
+        for (window_end, per_node) in &run.attributions {
+            let step = window_end - cadence_ms;
+            if step < *start || step >= *end {
+                continue;
+            }
+            for (n, e) in per_node {
+                match totals.iter_mut().find(|(m, _)| m == n) {
+                    Some((_, t)) => *t += e,
+                    None => totals.push((Arc::clone(n), *e)),
+                }
+            }
+        }
+        if totals.is_empty() {
+            continue; // not found
+        }
+        a.ranges += 1;
+        totals.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+        if &*totals[0].0 == node.as_str() {
+            a.top1 += 1;
+        }
+    }
+    a.top1_share = if a.ranges > 0 {
+        a.top1 as f64 / a.ranges as f64
+    } else {
+        0.0
+    };
+    a
+}
+
+/// The results table, for people.
+pub fn report_text(r: &Report) -> String {
+    use std::fmt::Write;
+    let d = &r.dataset;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} file(s), {} node(s) in {} cell(s), {} rows ({} fit/calibration only), {} readings; \
+         {} windows scored",
+        d.files, d.nodes, d.cells, d.rows, d.fit_rows, d.readings, d.windows_scored
+    );
+    let _ = writeln!(
+        out,
+        "test: {} points ({} anomalous, {:.1} %), {} labelled ranges ({} of a single node)",
+        d.test_points,
+        d.anomalous_points,
+        100.0 * d.anomalous_points as f64 / d.test_points.max(1) as f64,
+        d.labelled_ranges,
+        d.single_node_ranges
+    );
+    if !d.refused.is_empty() {
+        let _ = writeln!(out, "readings refused by the assembler: {:?}", d.refused);
+    }
+    let _ = writeln!(
+        out,
+        "model {} v{} ({}), thresholds: {} policy, least {:.3} / median {:.3} / largest {:.3}",
+        r.model.name,
+        r.model.version,
+        match r.model.standardisation {
+            Standardisation::Contract => "contract statistics",
+            Standardisation::PerSeriesFit => "per-series fit statistics",
+        },
+        match r.model.threshold_policy {
+            ThresholdPolicy::Contract => "contract",
+            ThresholdPolicy::Fit => "fit",
+        },
+        r.model.thresholds[0],
+        r.model.thresholds[1],
+        r.model.thresholds[2]
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<40} {:>6} {:>6} {:>6} {:>7} {:>7} {:>8} {:>8} {:>9} {:>8}",
+        "detector", "F1", "P", "R", "FAR %", "MAR %", "event R", "FA/day", "FA/cell·d", "delay s"
+    );
+    for res in &r.results {
+        let m = &res.metrics;
+        let _ = writeln!(
+            out,
+            "{:<40} {:>6.3} {:>6.3} {:>6.3} {:>7.2} {:>7.2} {:>8.3} {:>8.2} {:>9.3} {:>8.1}",
+            res.detector,
+            m.f1,
+            m.precision,
+            m.recall,
+            100.0 * m.far,
+            100.0 * m.mar,
+            m.event_recall,
+            m.false_alarms_per_day,
+            m.false_alarms_per_cell_day,
+            m.mean_delay_s
+        );
+    }
+    if let Some(a) = r.results.first().and_then(|res| res.attribution.as_ref())
+        && a.ranges > 0
+    {
+        let _ = writeln!(
+            out,
+            "\nattribution: the faulted node ranked first in {} of {} found single-node ranges ({:.1} %)",
+            a.top1,
+            a.ranges,
+            100.0 * a.top1_share
+        );
+    }
+    let _ = writeln!(out, "\n({:.1} s)", r.elapsed_s);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_threshold_interpolates_like_numpy() {
+        // numpy.quantile([1, 2, 3, 4], 0.5) = 2.5; 0.999 of 1..=1000 = 999.001.
+        assert_eq!(fit_threshold(&[4.0, 1.0, 3.0, 2.0], 0.5, 1.0), Some(2.5));
+        let s: Vec<f64> = (1..=1000).map(f64::from).collect();
+        let q = fit_threshold(&s, 0.999, 1.0).unwrap();
+        assert!((q - 999.001).abs() < 1e-9, "{q}");
+        assert_eq!(fit_threshold(&[2.0], 0.999, 4.0 / 3.0), Some(8.0 / 3.0));
+        assert_eq!(fit_threshold(&[f64::NAN], 0.5, 1.0), None);
+        assert_eq!(fit_threshold(&[], 0.5, 1.0), None);
+    }
+
+    #[test]
+    fn fit_statistics_skip_missing_and_flat_channels() {
+        let s = Series {
+            name: "s".into(),
+            path: "s.csv".into(),
+            nodes: vec!["a".into()],
+            channels: 2,
+            times_ms: vec![0, 1, 2],
+            values: vec![1.0, 5.0, 3.0, 5.0, f64::NAN, 5.0],
+            row_labels: None,
+        };
+        let stats = fit_statistics(&s, 3);
+        assert_eq!(stats[0], (2.0, 1.0));
+        assert_eq!(stats[1], (5.0, 1.0), "a flat channel keeps std 1");
+        let stats = fit_statistics(&s, 2);
+        assert_eq!(stats[0], (2.0, 1.0));
+    }
+}
