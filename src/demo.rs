@@ -394,6 +394,7 @@ mod tests {
             model_hash: String::new(),
             missing_fraction: 0.0,
             node_count: 1,
+            incident: None,
         }
     }
 

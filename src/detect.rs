@@ -163,6 +163,7 @@ impl Detector {
             model_hash: self.model_hash.clone(),
             missing_fraction: window.missing_fraction,
             node_count: window.node_count() as i32,
+            incident: None,
         };
         (score, Some(event))
     }

@@ -42,8 +42,16 @@ pub fn event_line(e: &AnomalyEvent) -> String {
         .iter()
         .map(|c| format!("{} {} {:.0}%", c.node_id, c.channel, c.share * 100.0))
         .collect();
+    let incident = e.incident.as_ref().map_or(String::new(), |i| {
+        format!(
+            "  [{} {} #{}]",
+            i.status.as_str(),
+            &i.incident_id[..8.min(i.incident_id.len())],
+            i.windows
+        )
+    });
     format!(
-        "{}  {:<8} {:<8} score {:>7.2} / {:.2}  {}",
+        "{}  {:<8} {:<8} score {:>7.2} / {:.2}  {}{incident}",
         utc(e.window_end_ms),
         e.cell_id,
         e.severity.as_str(),
@@ -74,6 +82,13 @@ pub fn event_json(e: &AnomalyEvent) -> String {
         "model": format!("{}/{}", e.model_name, e.model_version),
         "missing_fraction": e.missing_fraction,
         "node_count": e.node_count,
+        "incident": e.incident.as_ref().map(|i| serde_json::json!({
+            "incident_id": i.incident_id,
+            "status": i.status.as_str(),
+            "opened_at": utc(i.opened_at_ms),
+            "windows": i.windows,
+            "peak_score": i.peak_score,
+        })),
     })
     .to_string()
 }
@@ -159,6 +174,7 @@ mod tests {
             model_hash: "h".into(),
             missing_fraction: 0.0,
             node_count: 1,
+            incident: None,
         }
     }
 

@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 pub mod fast;
 pub mod records;
 
-pub use records::{AnomalyEvent, Channel, Contributor, Reading, Severity, ShapeError, SpatialNode};
+pub use records::{
+    AnomalyEvent, Channel, Contributor, Incident, IncidentStatus, Reading, Severity, ShapeError,
+    SpatialNode,
+};
 
 /// Largest allocation a single Avro length prefix may ask for; a hostile payload claiming a
 /// gigabyte string fails instead of exhausting memory.
@@ -353,6 +356,48 @@ mod tests {
             RecordKind::AnomalyEvent,
         ] {
             assert!(matches!(kind.schema(), Schema::Record(_)), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn events_round_trip_with_and_without_an_incident() {
+        let codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
+        let mut event = AnomalyEvent {
+            event_id: "e".into(),
+            cell_id: "line-1".into(),
+            window_start_ms: 0,
+            window_end_ms: 16_000,
+            detected_at_ms: 16_000,
+            score: 12.5,
+            threshold: 9.9,
+            severity: Severity::Low,
+            contributors: vec![Contributor {
+                node_id: "n".into(),
+                channel: "current".into(),
+                share: 1.0,
+                score: 12.5,
+            }],
+            model_name: "m".into(),
+            model_version: "1".into(),
+            model_hash: "h".into(),
+            missing_fraction: 0.0,
+            node_count: 1,
+            incident: None,
+        };
+        for incident in [
+            None,
+            Some(Incident {
+                incident_id: "i".into(),
+                status: IncidentStatus::Close,
+                opened_at_ms: 12_000,
+                windows: 3,
+                peak_score: 40.0,
+            }),
+        ] {
+            event.incident = incident;
+            let bytes = codec.encode(&event.to_value()).unwrap();
+            let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
+            assert_eq!(back, event);
         }
     }
 

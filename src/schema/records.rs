@@ -96,6 +96,42 @@ pub struct AnomalyEvent {
     pub model_hash: String,
     pub missing_fraction: f64,
     pub node_count: i32,
+    /// The incident the window belongs to, when incidents are enabled.
+    pub incident: Option<Incident>,
+}
+
+/// Where an event stands in its cell's incident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncidentStatus {
+    Open,
+    Update,
+    Close,
+}
+
+impl IncidentStatus {
+    pub const ALL: [IncidentStatus; 3] = [Self::Open, Self::Update, Self::Close];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "OPEN",
+            Self::Update => "UPDATE",
+            Self::Close => "CLOSE",
+        }
+    }
+
+    fn index(self) -> u32 {
+        self as u32
+    }
+}
+
+/// Consecutive anomalous windows of one cell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incident {
+    pub incident_id: String,
+    pub status: IncidentStatus,
+    pub opened_at_ms: i64,
+    pub windows: i32,
+    pub peak_score: f64,
 }
 
 /// A value did not have the shape its reader schema promises.
@@ -388,6 +424,21 @@ impl AnomalyEvent {
                 Value::Double(self.missing_fraction),
             ),
             ("node_count".into(), Value::Int(self.node_count)),
+            (
+                "incident".into(),
+                opt_union(self.incident.as_ref(), |i| {
+                    Value::Record(vec![
+                        ("incident_id".into(), Value::String(i.incident_id.clone())),
+                        (
+                            "status".into(),
+                            Value::Enum(i.status.index(), i.status.as_str().into()),
+                        ),
+                        ("opened_at".into(), Value::TimestampMillis(i.opened_at_ms)),
+                        ("windows".into(), Value::Int(i.windows)),
+                        ("peak_score".into(), Value::Double(i.peak_score)),
+                    ])
+                }),
+            ),
         ])
     }
 
@@ -430,6 +481,29 @@ impl AnomalyEvent {
             missing_fraction: double("missing_fraction")?,
             node_count: i32::try_from(fields.long("node_count")?)
                 .map_err(|_| shape("node_count", "an int"))?,
+            incident: match fields.get("incident") {
+                Err(_) | Ok(Value::Null) => None,
+                Ok(value) => {
+                    let i = Fields::of(value, "incident")?;
+                    let status = match i.get("status")? {
+                        Value::Enum(_, symbol) => IncidentStatus::ALL
+                            .into_iter()
+                            .find(|s| s.as_str() == symbol)
+                            .ok_or(shape("status", "OPEN, UPDATE or CLOSE"))?,
+                        _ => return Err(shape("status", "an enum")),
+                    };
+                    Some(Incident {
+                        incident_id: i.string("incident_id")?,
+                        status,
+                        opened_at_ms: i.long("opened_at")?,
+                        windows: i32::try_from(i.long("windows")?)
+                            .map_err(|_| shape("windows", "an int"))?,
+                        peak_score: i
+                            .opt_double("peak_score")?
+                            .ok_or(shape("peak_score", "a double"))?,
+                    })
+                }
+            },
         })
     }
 }
