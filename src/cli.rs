@@ -41,9 +41,14 @@ impl Cli {
     pub fn log_filter(&self) -> String {
         match (&self.log_level, &self.command) {
             (Some(level), _) => level.clone(),
-            (None, Command::Demo(_) | Command::Tail(_) | Command::Bench(_) | Command::Eval(_)) => {
-                "warn".into()
-            }
+            (
+                None,
+                Command::Demo(_)
+                | Command::Tail(_)
+                | Command::Bench(_)
+                | Command::Eval(_)
+                | Command::Inject(_),
+            ) => "warn".into(),
             (None, _) => "info,ort=warn".into(),
         }
     }
@@ -74,6 +79,10 @@ pub enum Command {
     /// FAR and MAR (no point-adjust), event recall, false alarms per day and detection delay,
     /// beside three baselines. Formats and protocol: docs/eval.md.
     Eval(EvalArgs),
+    /// Inject documented, seeded faults (incident slowdowns spreading along the road graph,
+    /// stuck sensors, spikes, dropouts, drifts) into a wide readings CSV, and write the faulted
+    /// CSV and its labels for `gridwatch eval --labels`. See docs/eval.md.
+    Inject(InjectArgs),
     /// Validate a configuration file (and the model contract and schema files it names)
     /// without connecting to anything.
     CheckConfig(CheckConfigArgs),
@@ -157,7 +166,8 @@ pub struct EvalArgs {
     #[arg(long, value_parser = parse_eval_time)]
     pub fit_until: Option<i64>,
     /// `fit`: each cell's threshold is quantile × factor of its fit-range window scores
-    /// (default when a fit range is given); `contract`: the model's calibrated threshold.
+    /// (default when a fit range is given); `contract`: the model's calibrated threshold;
+    /// `spot`: SPOT/DSPOT per cell ([detect.spot]), fitted on the fit-range scores.
     #[arg(long, value_enum)]
     pub threshold: Option<crate::eval::ThresholdPolicy>,
     #[arg(long, default_value_t = 0.999)]
@@ -199,9 +209,11 @@ pub struct EvalArgs {
     /// Field separator (default: `;` if the header has more of them than `,`).
     #[arg(long)]
     pub delimiter: Option<char>,
-    /// Flagged runs separated by fewer than this many steps count as one alarm.
-    #[arg(long, default_value_t = 0)]
-    pub merge_gap: usize,
+    /// Flagged runs of a cell separated by fewer than this many steps count as one alarm
+    /// (default: [detect.incidents] close_after when incidents are configured — an alarm is
+    /// then an incident —, else 0).
+    #[arg(long)]
+    pub merge_gap: Option<usize>,
     /// Seed of the random baseline.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -214,6 +226,40 @@ pub struct EvalArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example (METR-LA, faults in the last two days):\n  gridwatch inject --readings ../shared/data/metr-la-week/los_speed.csv \\\n    --adjacency ../shared/data/metr-la-week/los_adj.csv --seed 1 \\\n    --out /tmp/metr-faulted.csv --labels /tmp/metr-labels.csv"
+)]
+pub struct InjectArgs {
+    /// Wide readings CSV: a header of node ids, one row per step, one column per node.
+    #[arg(long)]
+    pub readings: PathBuf,
+    /// Node × node adjacency weights (CSV without header, rows and columns in header order).
+    #[arg(long)]
+    pub adjacency: PathBuf,
+    /// Fault configuration (TOML; every field optional, defaults in docs/eval.md).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Seed (replaces the configuration's).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Time of row 0 (labels are in epoch milliseconds); default 2012-03-05T00:00:00Z, the
+    /// Monday METR-LA's week is taken to start on.
+    #[arg(long, value_parser = parse_eval_time)]
+    pub start: Option<i64>,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    pub cadence: Duration,
+    /// The faulted readings, same layout as the input.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Labelled ranges: start_ms,end_ms,node_ids,kind,fault_id.
+    #[arg(long)]
+    pub labels: PathBuf,
+    /// Also write every fault with its drawn parameters as JSON.
+    #[arg(long)]
+    pub faults_json: Option<PathBuf>,
 }
 
 fn parse_eval_time(s: &str) -> Result<i64, String> {
@@ -481,6 +527,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval(args) => eval_command(args),
+        Command::Inject(args) => inject_command(args),
         Command::CheckConfig(args) => check_config(&args.file),
         Command::Model(ModelCommand::Inspect { path }) => {
             let (contract, onnx) = ModelContract::load(&path)?;
@@ -529,6 +576,105 @@ async fn tail_command(args: TailArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn inject_command(args: InjectArgs) -> anyhow::Result<ExitCode> {
+    use crate::eval::inject;
+    let mut config: inject::InjectConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => inject::InjectConfig::default(),
+    };
+    if let Some(seed) = args.seed {
+        config.seed = seed;
+    }
+    let (nodes, values) = read_matrix(&args.readings, true)?;
+    let rows = values.len() / nodes.len().max(1);
+    let (_, adjacency) = read_matrix(&args.adjacency, false)?;
+    let mut series = inject::Series {
+        nodes,
+        values,
+        rows,
+    };
+    let faults = inject::inject(&mut series, &adjacency, &config)?;
+    let start = args.start.unwrap_or(inject::METR_LA_START_MS);
+    let step = args.cadence.as_millis() as i64;
+    let mut out = series.nodes.join(",") + "\n";
+    for r in 0..series.rows {
+        let row: Vec<String> = series.values[r * series.nodes.len()..(r + 1) * series.nodes.len()]
+            .iter()
+            .map(|v| {
+                if v.is_finite() {
+                    v.to_string()
+                } else {
+                    String::new()
+                }
+            })
+            .collect();
+        out += &row.join(",");
+        out += "\n";
+    }
+    std::fs::write(&args.out, out)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.out.display()))?;
+    std::fs::write(
+        &args.labels,
+        inject::labels_csv(&faults, |r| start + r as i64 * step),
+    )
+    .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.labels.display()))?;
+    if let Some(path) = &args.faults_json {
+        std::fs::write(path, serde_json::to_string_pretty(&faults)? + "\n")
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
+    let mut kinds = std::collections::BTreeMap::new();
+    for f in &faults {
+        *kinds.entry(f.kind.as_str()).or_insert(0) += 1;
+    }
+    eprintln!(
+        "Injected {} faults (seed {}) into {} rows × {} nodes: {kinds:?}; wrote {} and {}.",
+        faults.len(),
+        config.seed,
+        series.rows,
+        series.nodes.len(),
+        args.out.display(),
+        args.labels.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A numeric CSV: its header (when `header`) and its values row-major; blanks are NaN.
+fn read_matrix(path: &std::path::Path, header: bool) -> anyhow::Result<(Vec<String>, Vec<f64>)> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(header)
+        .trim(csv::Trim::All)
+        .from_path(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let names: Vec<String> = if header {
+        rdr.headers()?.iter().map(str::to_string).collect()
+    } else {
+        Vec::new()
+    };
+    let mut values = Vec::new();
+    for (i, record) in rdr.records().enumerate() {
+        let record = record.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        for field in record.iter() {
+            let v = if field.is_empty() {
+                f64::NAN
+            } else {
+                field.parse::<f64>().map_err(|_| {
+                    anyhow::anyhow!(
+                        "{}: line {}: `{field}` is not a number",
+                        path.display(),
+                        i + 1 + usize::from(header)
+                    )
+                })?
+            };
+            values.push(v);
+        }
+    }
+    Ok((names, values))
+}
+
 fn eval_command(args: EvalArgs) -> anyhow::Result<ExitCode> {
     use crate::eval::{self, Fit, ThresholdPolicy};
     let mut config = Config::load(args.config.as_deref(), env_vars())?;
@@ -569,7 +715,13 @@ fn eval_command(args: EvalArgs) -> anyhow::Result<ExitCode> {
         }),
         fit_quantile: args.fit_quantile,
         fit_factor: args.fit_factor,
-        merge_gap: args.merge_gap,
+        merge_gap: args.merge_gap.unwrap_or_else(|| {
+            config
+                .detect
+                .incidents
+                .as_ref()
+                .map_or(0, |i| i.close_after as usize)
+        }),
         seed: args.seed,
         batch: args.batch,
         progress: !args.quiet,

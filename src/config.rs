@@ -12,6 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::decode::PayloadKind;
+use crate::detect::incident::IncidentConfig;
+use crate::detect::spot::SpotConfig;
 use crate::schema::WireFormat;
 
 /// Prefix of environment variables that override configuration keys.
@@ -315,6 +317,18 @@ pub struct DetectConfig {
     pub threshold_scale: f64,
     /// Contributors listed per event.
     pub top_contributors: usize,
+    /// `static`: one threshold for every cell (the model's, or `threshold`, times
+    /// `threshold_scale`). `spot`: each cell's own streaming peaks-over-threshold threshold
+    /// (SPOT/DSPOT, [detect.spot]), fitted on the cell's first `spot_init_windows` scores; the
+    /// static threshold decides until then.
+    pub threshold_policy: ThresholdPolicy,
+    /// Normal window scores a cell collects before its SPOT threshold is fitted.
+    pub spot_init_windows: usize,
+    pub spot: SpotConfig,
+    /// Present: consecutive anomalous windows of a cell form one incident, and only its OPEN,
+    /// UPDATE and CLOSE are published (events carry `incident`). Absent (default): one event
+    /// per anomalous window, `incident` null.
+    pub incidents: Option<IncidentConfig>,
 }
 
 impl Default for DetectConfig {
@@ -323,8 +337,20 @@ impl Default for DetectConfig {
             threshold: None,
             threshold_scale: 1.0,
             top_contributors: 3,
+            threshold_policy: ThresholdPolicy::Static,
+            spot_init_windows: 1_000,
+            spot: SpotConfig::default(),
+            incidents: None,
         }
     }
+}
+
+/// How windows are judged anomalous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThresholdPolicy {
+    Static,
+    Spot,
 }
 
 /// What happens to input that cannot be used.
@@ -554,6 +580,22 @@ impl Config {
         }
         if self.detect.threshold_scale <= 0.0 || self.detect.threshold.is_some_and(|t| t <= 0.0) {
             return invalid("[detect] threshold and threshold_scale must be positive".into());
+        }
+        if let Err(e) = self.detect.spot.validate() {
+            return invalid(format!("[detect.spot] {e}"));
+        }
+        if self.detect.threshold_policy == ThresholdPolicy::Spot
+            && self.detect.spot_init_windows
+                < crate::detect::spot::MIN_CALIBRATION + self.detect.spot.depth
+        {
+            return invalid(format!(
+                "[detect] spot_init_windows is {}: SPOT needs at least {} scores to fit (100 + [detect.spot] depth)",
+                self.detect.spot_init_windows,
+                crate::detect::spot::MIN_CALIBRATION + self.detect.spot.depth
+            ));
+        }
+        if let Some(Err(e)) = self.detect.incidents.as_ref().map(|i| i.validate()) {
+            return invalid(format!("[detect.incidents] {e}"));
         }
         if !self.admin.listen.is_empty()
             && self.admin.listen.parse::<std::net::SocketAddr>().is_err()

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
 use crate::config::{BadInputPolicy, Config, DetectConfig};
 use crate::decode::{self, Decoder, PayloadKind};
-use crate::detect::Detector;
+use crate::detect::{Detector, Judge, Judgement};
 use crate::infer::contract::Standardisation;
 use crate::infer::{self, Inferred, Model};
 use crate::registry::Registry;
@@ -676,13 +676,14 @@ struct PendingLetter {
 /// is acknowledged (or at once when it has none).
 async fn publish_events(
     mut input: mpsc::Receiver<Vec<Inferred>>,
-    mut detector: Detector,
+    detector: Detector,
     detect: DetectConfig,
     sink: Arc<Sink>,
     ledger: Arc<Mutex<OffsetLedger>>,
     stats: Arc<Stats>,
     failed: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut judge = Judge::new(detector, &detect);
     let mut in_flight = FuturesUnordered::new();
     let release = |holds: &[(i32, i64)]| {
         let mut ledger = ledger.lock().expect("ledger lock");
@@ -696,10 +697,10 @@ async fn publish_events(
                 let Some(batch) = batch else { break };
                 for Inferred { window, reconstruction, model } in batch {
                     // Each window is judged by the model that scored it.
-                    if !detector.is_for(&model) {
-                        detector = Detector::new(&model, &detect);
+                    if !judge.detector().is_for(&model) {
+                        judge = Judge::new(Detector::new(&model, &detect), &detect);
                     }
-                    let (score, event) = detector.detect(&window, &reconstruction);
+                    let Judgement { score, event, .. } = judge.judge(&window, &reconstruction);
                     telemetry::window_scored(&stats, score.score, window.closed_at.elapsed().as_secs_f64());
                     match event {
                         None => release(&window.holds),

@@ -15,6 +15,7 @@
 //! - The report is a function of the inputs, the model and the options (seeded randomness).
 
 pub mod dataset;
+pub mod inject;
 pub mod metrics;
 
 use std::collections::HashMap;
@@ -28,7 +29,7 @@ use serde::Serialize;
 
 use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
 use crate::config::Config;
-use crate::detect::Detector;
+use crate::detect::{Detector, Judge};
 use crate::infer::Model;
 use crate::infer::contract::Standardisation;
 use crate::schema::{Reading, SpatialNode};
@@ -54,6 +55,8 @@ pub enum ThresholdPolicy {
     Contract,
     /// `quantile × factor` of the scores of the windows inside the cell's fit range.
     Fit,
+    /// SPOT/DSPOT ([detect.spot]) per cell, its tail fitted on the cell's fit-range scores.
+    Spot,
 }
 
 /// Everything `gridwatch eval` is asked to do.
@@ -140,7 +143,7 @@ type NodeScores = Vec<(Arc<str>, f64)>;
 #[derive(Default)]
 struct CellRun {
     fit_scores: Vec<f64>,
-    detector: Option<Detector>,
+    judge: Option<Judge>,
     /// Window end → flagged.
     flagged: HashMap<i64, bool>,
     /// Flagged test windows: (window end, per node the largest entry).
@@ -267,28 +270,45 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                         cell.fit_scores.push(score.score);
                         continue;
                     }
-                    if cell.detector.is_none() {
-                        let threshold = match options.threshold {
-                            ThresholdPolicy::Contract => detector.threshold(),
-                            ThresholdPolicy::Fit => fit_threshold(
-                                &cell.fit_scores,
-                                options.fit_quantile,
-                                options.fit_factor,
+                    if cell.judge.is_none() {
+                        let no_fit = || {
+                            anyhow::anyhow!(
+                                "{} cell {}: no window lies inside the fit range \
+                                 (it needs more than {} rows)",
+                                s.name,
+                                w.cell,
+                                contract.window_steps
                             )
-                            .with_context(|| {
-                                format!(
-                                    "{} cell {}: no window lies inside the fit range \
-                                             (it needs more than {} rows)",
-                                    s.name, w.cell, contract.window_steps
-                                )
-                            })?,
                         };
-                        cell.detector = Some(detector.with_threshold(threshold));
+                        let mut detect = config.detect.clone();
+                        detect.threshold_policy = crate::config::ThresholdPolicy::Static;
+                        let judge = match options.threshold {
+                            ThresholdPolicy::Contract => Judge::new(detector.clone(), &detect),
+                            ThresholdPolicy::Fit => {
+                                let t = fit_threshold(
+                                    &cell.fit_scores,
+                                    options.fit_quantile,
+                                    options.fit_factor,
+                                )
+                                .ok_or_else(no_fit)?;
+                                Judge::new(detector.with_threshold(t), &detect)
+                            }
+                            ThresholdPolicy::Spot => {
+                                detect.threshold_policy = crate::config::ThresholdPolicy::Spot;
+                                let mut judge = Judge::new(detector.clone(), &detect);
+                                if let Err(e) = judge.calibrate(&w.cell, &cell.fit_scores) {
+                                    bail!("{} cell {}: SPOT: {e}", s.name, w.cell);
+                                }
+                                judge
+                            }
+                        };
+                        cell.judge = Some(judge);
                     }
-                    let d = cell.detector.as_ref().expect("set above");
-                    let (score, event) = d.detect(w, r);
-                    cell.flagged.insert(w.end_ms, event.is_some());
-                    if event.is_some() {
+                    let judge = cell.judge.as_mut().expect("set above");
+                    let judgement = judge.judge(w, r);
+                    let score = judgement.score;
+                    cell.flagged.insert(w.end_ms, judgement.anomalous);
+                    if judgement.anomalous {
                         let mut per_node: NodeScores = Vec::new();
                         for &(slot, _, e) in &score.entries {
                             match per_node.iter_mut().find(|(n, _)| *n == w.nodes[slot]) {
@@ -360,8 +380,8 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                 .filter(|&n| cell_of_node[n] == *cell)
                 .collect();
             let run = cells.get(cell);
-            if let Some(d) = run.and_then(|r| r.detector.as_ref()) {
-                thresholds.push(d.threshold());
+            if let Some(j) = run.and_then(|r| r.judge.as_ref()) {
+                thresholds.push(j.threshold_of(cell));
             }
             let mut track = Track {
                 series: si,
@@ -735,6 +755,7 @@ pub fn report_text(r: &Report) -> String {
         match r.model.threshold_policy {
             ThresholdPolicy::Contract => "contract",
             ThresholdPolicy::Fit => "fit",
+            ThresholdPolicy::Spot => "spot",
         },
         r.model.thresholds[0],
         r.model.thresholds[1],

@@ -10,6 +10,12 @@
 //!   version, cell, window end) only, and every other field is a function of the window and the
 //!   model, so scoring the same window again yields a byte-identical event.
 
+pub mod incident;
+pub mod judge;
+pub mod spot;
+
+pub use judge::{Judge, Judgement};
+
 use crate::assemble::Window;
 use crate::config::DetectConfig;
 use crate::infer::ModelContract;
@@ -126,9 +132,16 @@ impl Detector {
     /// The event for `window`, if its score reaches the threshold.
     pub fn detect(&self, window: &Window, reconstruction: &[f32]) -> (Score, Option<AnomalyEvent>) {
         let score = self.score(window, reconstruction);
-        let Some(severity) = severity(score.score, self.threshold) else {
+        if severity(score.score, self.threshold).is_none() {
             return (score, None);
-        };
+        }
+        let event = self.event(window, &score, self.threshold);
+        (score, Some(event))
+    }
+
+    /// The event for `window` scored `score` against `threshold` (its severity at least LOW).
+    pub fn event(&self, window: &Window, score: &Score, threshold: f64) -> AnomalyEvent {
+        let severity = severity(score.score, threshold).unwrap_or(Severity::Low);
         let total: f64 = score.entries.iter().map(|e| e.2).sum();
         let mut ranked = score.entries.clone();
         // Largest first; ties broken by slot and channel so the order is deterministic.
@@ -143,7 +156,7 @@ impl Detector {
                 score: e,
             })
             .collect();
-        let event = AnomalyEvent {
+        AnomalyEvent {
             event_id: event_id(
                 &self.model_name,
                 &self.model_version,
@@ -155,7 +168,7 @@ impl Detector {
             window_end_ms: window.end_ms,
             detected_at_ms: window.end_ms,
             score: score.score,
-            threshold: self.threshold,
+            threshold,
             severity,
             contributors,
             model_name: self.model_name.clone(),
@@ -164,8 +177,7 @@ impl Detector {
             missing_fraction: window.missing_fraction,
             node_count: window.node_count() as i32,
             incident: None,
-        };
-        (score, Some(event))
+        }
     }
 }
 
@@ -267,7 +279,7 @@ mod tests {
         // Same window again: identical event.
         assert_eq!(detector.detect(&w, &recon).1.unwrap(), event);
         // Below threshold: no event.
-        assert!(detector.detect(&w, &vec![0.0; 12]).1.is_none());
+        assert!(detector.detect(&w, &[0.0; 12]).1.is_none());
     }
 
     #[test]

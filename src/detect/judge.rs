@@ -1,0 +1,349 @@
+//! judge: the threshold policy and the incidents on top of the [`Detector`]'s scores.
+//!
+//! Invariants:
+//! - Under the `static` policy a window is anomalous iff its score reaches the detector's
+//!   threshold, and every anomalous window is an event: exactly what the detector alone does.
+//! - Under the `spot` policy each cell has its own streaming peaks-over-threshold threshold
+//!   ([`Spot`]). Until the cell has one — fitted on its first `spot_init_windows` scores, or by
+//!   [`Judge::calibrate`] — the model's calibrated threshold decides. SPOT's state is this
+//!   instance's: a restart, a rebalance or a new model starts it again from the calibration.
+//! - With incidents on, an anomalous window is published only when its cell's
+//!   [`IncidentTracker`] reports a transition (OPEN, UPDATE), and the window that closes an
+//!   incident is published as its CLOSE although it is normal. Incident state is this
+//!   instance's too: after a restart mid-incident the incident is opened again, under the id of
+//!   the first anomalous window the new instance sees.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::incident::{IncidentTracker, Observation, Status, Transition};
+use super::spot::{Spot, Verdict};
+use super::{Detector, Score, severity};
+use crate::assemble::Window;
+use crate::config::{DetectConfig, ThresholdPolicy};
+use crate::schema::{AnomalyEvent, Incident, IncidentStatus};
+
+/// What the judge made of one window.
+#[derive(Debug, Clone)]
+pub struct Judgement {
+    pub score: Score,
+    pub threshold: f64,
+    pub anomalous: bool,
+    /// What to publish, if anything.
+    pub event: Option<AnomalyEvent>,
+}
+
+#[derive(Default)]
+struct CellThreshold {
+    warmup: Vec<f64>,
+    spot: Option<Spot>,
+    /// The fit failed (too few peaks): this cell stays on the static threshold.
+    failed: bool,
+}
+
+/// Thresholds per cell and incidents, for one model.
+pub struct Judge {
+    detector: Detector,
+    config: DetectConfig,
+    cells: HashMap<Arc<str>, CellThreshold>,
+    incidents: Option<IncidentTracker>,
+}
+
+impl Judge {
+    pub fn new(detector: Detector, config: &DetectConfig) -> Self {
+        let incidents = config.incidents.clone().map(|c| {
+            IncidentTracker::new(c, detector.model_name.clone())
+                .expect("incident configuration is validated with the config")
+        });
+        Self {
+            detector,
+            config: config.clone(),
+            cells: HashMap::new(),
+            incidents,
+        }
+    }
+
+    pub fn detector(&self) -> &Detector {
+        &self.detector
+    }
+
+    /// Fits `cell`'s SPOT threshold on calibration scores now (an offline evaluation's fit
+    /// range), instead of on the cell's first windows. Returns the fit's error, if any; the
+    /// cell then stays on the static threshold.
+    pub fn calibrate(&mut self, cell: &Arc<str>, scores: &[f64]) -> Result<(), String> {
+        let state = self.cells.entry(Arc::clone(cell)).or_default();
+        match Spot::fit(self.config.spot.clone(), scores) {
+            Ok(spot) => {
+                state.spot = Some(spot);
+                Ok(())
+            }
+            Err(e) => {
+                state.failed = true;
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// The threshold `cell` is judged by now.
+    pub fn threshold_of(&self, cell: &str) -> f64 {
+        match self.cells.get(cell).and_then(|c| c.spot.as_ref()) {
+            Some(spot) if self.config.threshold_policy == ThresholdPolicy::Spot => spot.threshold(),
+            _ => self.detector.threshold(),
+        }
+    }
+
+    /// Scores `window`, decides whether it is anomalous, and what to publish.
+    pub fn judge(&mut self, window: &Window, reconstruction: &[f32]) -> Judgement {
+        let score = self.detector.score(window, reconstruction);
+        let (threshold, anomalous) = match self.config.threshold_policy {
+            ThresholdPolicy::Static => {
+                let t = self.detector.threshold();
+                (t, severity(score.score, t).is_some())
+            }
+            ThresholdPolicy::Spot => self.spot_step(&window.cell, score.score),
+        };
+        let mut event = anomalous.then(|| self.detector.event(window, &score, threshold));
+        if let Some(tracker) = self.incidents.as_mut() {
+            let observation = event.as_ref().map(|e| Observation {
+                score: score.score,
+                severity_rank: e.severity as u8,
+            });
+            match tracker.observe(&window.cell, window.end_ms, observation) {
+                None => event = None,
+                Some(t) => {
+                    let mut e = event
+                        .take()
+                        .unwrap_or_else(|| self.detector.event(window, &score, threshold));
+                    if t.status == Status::Close {
+                        // A normal window closes the incident: it reports the incident's peak.
+                        e.severity = severity(t.peak_score, threshold)
+                            .unwrap_or(crate::schema::Severity::Low);
+                    }
+                    e.incident = Some(incident(&t));
+                    event = Some(e);
+                }
+            }
+        }
+        Judgement {
+            score,
+            threshold,
+            anomalous,
+            event,
+        }
+    }
+
+    fn spot_step(&mut self, cell: &Arc<str>, score: f64) -> (f64, bool) {
+        let fixed = self.detector.threshold();
+        let init = self.config.spot_init_windows;
+        let state = self.cells.entry(Arc::clone(cell)).or_default();
+        if let Some(spot) = state.spot.as_mut() {
+            let threshold = spot.threshold();
+            return (threshold, spot.step(score) == Verdict::Anomaly);
+        }
+        let anomalous = severity(score, fixed).is_some();
+        if !state.failed && !anomalous && score.is_finite() {
+            state.warmup.push(score);
+            if state.warmup.len() >= init {
+                match Spot::fit(self.config.spot.clone(), &state.warmup) {
+                    Ok(spot) => state.spot = Some(spot),
+                    Err(error) => {
+                        tracing::warn!(cell = %cell, %error, "SPOT could not be fitted; the cell keeps the static threshold.");
+                        state.failed = true;
+                    }
+                }
+                state.warmup = Vec::new();
+            }
+        }
+        (fixed, anomalous)
+    }
+
+    /// Forgets a cell (its partition was revoked).
+    pub fn forget(&mut self, cell: &str) {
+        self.cells.remove(cell);
+        if let Some(t) = self.incidents.as_mut() {
+            t.forget(cell);
+        }
+    }
+}
+
+fn incident(t: &Transition) -> Incident {
+    Incident {
+        incident_id: t.incident_id.clone(),
+        status: match t.status {
+            Status::Open => IncidentStatus::Open,
+            Status::Update => IncidentStatus::Update,
+            Status::Close => IncidentStatus::Close,
+        },
+        opened_at_ms: t.opened_at_ms,
+        windows: i32::try_from(t.windows).unwrap_or(i32::MAX),
+        peak_score: t.peak_score,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::ModelContract;
+    use crate::infer::contract::{Calibration, ChannelSpec};
+    use crate::schema::Severity;
+
+    /// One node, one channel, two steps of which the last is scored; threshold 2. A window
+    /// whose reconstruction of the last step is `r` scores `r²`.
+    fn detector() -> Detector {
+        let contract = ModelContract {
+            name: "m".into(),
+            version: "1".into(),
+            onnx_file: "m.onnx".into(),
+            onnx_sha256: "h".into(),
+            family: String::new(),
+            inputs: vec![],
+            outputs: vec![],
+            cadence_ms: 1_000,
+            window_steps: 2,
+            scored_steps: 1,
+            max_nodes: 1,
+            channels: vec![ChannelSpec {
+                name: "a".into(),
+                unit: "u".into(),
+                mean: 0.0,
+                std: 1.0,
+            }],
+            calibration: Calibration {
+                error_scale: vec![1.0],
+                threshold: 2.0,
+                score_quantiles: Default::default(),
+                windows: 0,
+                rule: String::new(),
+            },
+            scoring: String::new(),
+            architecture: serde_json::Value::Null,
+            training: serde_json::Value::Null,
+            standardisation: Default::default(),
+        };
+        Detector::new(&contract, &DetectConfig::default())
+    }
+
+    fn window(end_s: i64) -> Window {
+        Window {
+            cell: Arc::from("c"),
+            start_ms: (end_s - 2) * 1_000,
+            end_ms: end_s * 1_000,
+            nodes: vec![Arc::from("n")],
+            values: vec![0.0, 0.0],
+            mask: vec![1.0, 1.0],
+            missing_fraction: 0.0,
+            holds: vec![],
+            closed_at: std::time::Instant::now(),
+        }
+    }
+
+    fn judge_scores(judge: &mut Judge, scores: &[f64]) -> Vec<Judgement> {
+        scores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| judge.judge(&window(i as i64 + 2), &[0.0, s.sqrt() as f32]))
+            .collect()
+    }
+
+    #[test]
+    fn static_policy_is_the_detector() {
+        let d = detector();
+        let mut judge = Judge::new(d.clone(), &DetectConfig::default());
+        for (i, s) in [1.0f64, 3.0, 9.0, 1.5].iter().enumerate() {
+            let w = window(i as i64 + 2);
+            let r = [0.0, s.sqrt() as f32];
+            let j = judge.judge(&w, &r);
+            assert_eq!(j.event, d.detect(&w, &r).1);
+            assert_eq!(j.anomalous, j.event.is_some());
+            assert_eq!(j.threshold, 2.0);
+        }
+    }
+
+    #[test]
+    fn incidents_publish_open_updates_and_close() {
+        let config = DetectConfig {
+            incidents: Some(crate::detect::incident::IncidentConfig {
+                open_after: 1,
+                close_after: 2,
+                update_every: 0,
+            }),
+            ..DetectConfig::default()
+        };
+        let mut judge = Judge::new(detector(), &config);
+        // normal, anomalous ×3 (severity rises at the third), normal, anomalous, normal ×2.
+        let js = judge_scores(&mut judge, &[1.0, 3.0, 3.0, 9.0, 1.0, 3.0, 1.0, 1.0, 1.0]);
+        let status: Vec<Option<IncidentStatus>> = js
+            .iter()
+            .map(|j| {
+                j.event
+                    .as_ref()
+                    .and_then(|e| e.incident.as_ref())
+                    .map(|i| i.status)
+            })
+            .collect();
+        use IncidentStatus::*;
+        assert_eq!(
+            status,
+            vec![
+                None,
+                Some(Open),
+                None,
+                Some(Update),
+                None,
+                None,
+                None,
+                Some(Close),
+                None
+            ]
+        );
+        let incidents: Vec<&Incident> = js
+            .iter()
+            .filter_map(|j| j.event.as_ref()?.incident.as_ref())
+            .collect();
+        assert!(
+            incidents
+                .iter()
+                .all(|i| i.incident_id == incidents[0].incident_id)
+        );
+        assert!(incidents.iter().all(|i| i.opened_at_ms == 3_000));
+        let close = js[7].event.as_ref().unwrap();
+        assert!(!js[7].anomalous, "a normal window closes the incident");
+        assert_eq!(close.incident.as_ref().unwrap().windows, 4);
+        assert_eq!(close.incident.as_ref().unwrap().peak_score, 9.0);
+        assert_eq!(
+            close.severity,
+            Severity::High,
+            "the CLOSE reports the incident's peak"
+        );
+    }
+
+    #[test]
+    fn spot_takes_over_from_the_static_threshold_after_its_warm_up() {
+        let config = DetectConfig {
+            threshold_policy: ThresholdPolicy::Spot,
+            spot_init_windows: 200,
+            spot: crate::detect::spot::SpotConfig {
+                risk: 1e-3,
+                init_level: 0.9,
+                ..Default::default()
+            },
+            ..DetectConfig::default()
+        };
+        let mut judge = Judge::new(detector(), &config);
+        // Normal scores spread in [0, 1.9): below the static threshold 2.
+        let normal: Vec<f64> = (0..200)
+            .map(|i| (i * 37 % 200) as f64 / 200.0 * 1.9)
+            .collect();
+        let js = judge_scores(&mut judge, &normal);
+        assert!(js.iter().all(|j| j.threshold == 2.0 && !j.anomalous));
+        let spot = judge.threshold_of("c");
+        assert!(spot != 2.0 && spot > 1.7 && spot < 3.0, "{spot}");
+        // A score between SPOT's threshold and the static one: now judged by SPOT.
+        let j = judge.judge(
+            &window(500),
+            &[0.0, ((spot + 2.0) / 2.0).max(spot + 0.01).sqrt() as f32],
+        );
+        assert_eq!(j.threshold, spot);
+        assert!(j.anomalous);
+    }
+}
