@@ -827,7 +827,7 @@ mod tests {
         assert_eq!(parse(vec![]).unwrap(), SpotConfig::default());
         let config = parse(vec![("risk", 1e-3)]).unwrap();
         assert_eq!(config.risk, 1e-3);
-        assert_eq!(config.max_peaks, 10_000);
+        assert_eq!(config.max_peaks, 2_000);
         assert!(parse(vec![("riks", 1e-3)]).is_err());
         SpotConfig::default().validate().unwrap();
     }
