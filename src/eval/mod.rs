@@ -238,7 +238,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
         let fit_end_ms = s.times_ms[fit_rows].div_euclid(cadence) * cadence;
 
         if contract.standardisation == Standardisation::PerSeriesFit {
-            model.set_normalisation(&fit_statistics(s, fit_rows))?;
+            model.set_normalisation(&fit_statistics(s, fit_rows, &std_floor(&contract)))?;
         }
         let detector = Detector::new(&model.contract, &config.detect);
 
@@ -583,9 +583,19 @@ fn place_nodes(
         .collect()
 }
 
-/// Per channel `(mean, std)` of the fit rows of `s`, over every node; a channel that does not
-/// vary there gets std 1 (its deviations then read in its own units).
-pub fn fit_statistics(s: &Series, fit_rows: usize) -> Vec<(f64, f64)> {
+/// The floor under per-series standard deviations the model was trained with
+/// (`training.standardisation.std_floor`, one per channel), if its contract records one.
+fn std_floor(contract: &crate::infer::ModelContract) -> Vec<f64> {
+    contract.training["standardisation"]["std_floor"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect())
+        .unwrap_or_default()
+}
+
+/// Per channel `(mean, std)` of the fit rows of `s`, over every node, the std raised to
+/// `floor[c]` where given; a channel that still does not vary gets std 1 (its deviations then
+/// read in its own units).
+pub fn fit_statistics(s: &Series, fit_rows: usize, floor: &[f64]) -> Vec<(f64, f64)> {
     (0..s.channels)
         .map(|c| {
             let values: Vec<f64> = (0..fit_rows)
@@ -598,7 +608,7 @@ pub fn fit_statistics(s: &Series, fit_rows: usize) -> Vec<(f64, f64)> {
             }
             let mean = values.iter().sum::<f64>() / values.len() as f64;
             let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / values.len() as f64;
-            let std = var.sqrt();
+            let std = var.sqrt().max(floor.get(c).copied().unwrap_or(0.0));
             (
                 mean,
                 if std > 1e-9 * mean.abs().max(1.0) {
@@ -826,10 +836,12 @@ mod tests {
             values: vec![1.0, 5.0, 3.0, 5.0, f64::NAN, 5.0],
             row_labels: None,
         };
-        let stats = fit_statistics(&s, 3);
+        let stats = fit_statistics(&s, 3, &[]);
         assert_eq!(stats[0], (2.0, 1.0));
         assert_eq!(stats[1], (5.0, 1.0), "a flat channel keeps std 1");
-        let stats = fit_statistics(&s, 2);
+        let stats = fit_statistics(&s, 2, &[]);
         assert_eq!(stats[0], (2.0, 1.0));
+        let stats = fit_statistics(&s, 3, &[0.5, 0.25]);
+        assert_eq!(stats[1], (5.0, 0.25), "the trained floor applies");
     }
 }
