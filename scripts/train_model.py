@@ -37,6 +37,24 @@ Usage
     .venv/bin/python scripts/train_model.py --data /tmp/gridwatch-train.csv \\
         --out-prefix models/plant-attention-v1 --seed 0
 
+The above (the defaults) is the plant model. The trainer is not tied to the plant:
+* the channels are the CSV header's columns after ``ts_ms,node_id,cell_id`` (``--units``
+  gives their units, default: the plant's known units, else ""); ``--window`` / ``--scored``
+  set window_steps / scored_steps (16 / 4);
+* every cell has its own time axis (own first timestamp and step count), so cells recorded
+  at different times cost no empty steps; windows never cross cells; with unequal cells a
+  training window's cell is drawn in proportion to the cell's training windows;
+* ``--standardise-per-cell-rows K`` standardises every (cell, node, channel) series with the
+  mean/std of its first K rows (std floored at ``--std-floor-frac`` x the channel's global
+  std) before training and calibration; the contract then says ``"standardisation":
+  "per-series-fit"`` (channel stats identity, details in ``training.standardisation``);
+* ``--calibration-cells REGEX``: the matching cells calibrate, the others train (instead of
+  the time split);
+* ``--mode masked-channels`` (default ``forecast``): inside the graph, one pass per channel
+  stacked on the batch axis, pass c hiding channel c on the last scored steps; channel c's
+  output comes from pass c (Split/Mul/Sum). Same inputs, output and scoring rule.
+scripts/train-skab-model.sh uses these for SKAB (scripts/skab_to_long.py makes its CSV).
+
 The model contract
 ------------------
 Inputs (float32): ``values`` [batch, 16, nodes, 4] per-channel normalised
@@ -61,18 +79,25 @@ import re
 import shlex
 import sys
 import time
+import warnings
 
 import numpy as np
 
-CHANNELS = [
-    ("vibration_rms", "mm/s"),
-    ("temperature", "degC"),
-    ("pressure", "bar"),
-    ("current", "A"),
-]
+# units of the demo plant's channels (used when --units is not given)
+KNOWN_UNITS = {
+    "vibration_rms": "mm/s",
+    "temperature": "degC",
+    "pressure": "bar",
+    "current": "A",
+}
+# Set by configure() from the CSV header and the command line (defaults: the plant's four
+# channels, a 16-step window with the last 4 steps scored, forecast mode).
+CHANNELS = [(n, u) for n, u in KNOWN_UNITS.items()]
 F = len(CHANNELS)
 WINDOW = 16  # window_steps
-SCORED = 4  # scored_steps: the last SCORED steps are hidden from the model and forecast
+SCORED = 4  # scored_steps: the last SCORED steps are the ones the detector scores
+MODE = "forecast"  # or "masked-channels"
+MODES = ("forecast", "masked-channels")
 D_MODEL = 32
 HEADS = 4
 D_HEAD = D_MODEL // HEADS
@@ -91,12 +116,49 @@ TOL = 1e-4
 # data
 
 
+def natural(s):  # "line-2" before "line-10"
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def read_header(path: str) -> list[str]:
+    """The channel names of a training CSV: the header's columns after ts_ms,node_id,cell_id."""
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), None)
+    if header is None:
+        raise SystemExit(f"{path}: empty file")
+    header = [h.strip() for h in header]
+    if header[:3] != ["ts_ms", "node_id", "cell_id"] or len(header) < 4:
+        raise SystemExit(f"{path}: unexpected header {header}, want ts_ms,node_id,cell_id,<channels...>")
+    names = header[3:]
+    if len(set(names)) != len(names) or any(not n for n in names):
+        raise SystemExit(f"{path}: empty or repeated channel names in {names}")
+    return names
+
+
+def configure(channels: list[tuple[str, str]], window: int, scored: int, mode: str) -> None:
+    """Sets the module-wide shape constants (used by the model, the export and the scoring)."""
+    global CHANNELS, F, WINDOW, SCORED, MODE
+    if not 1 <= scored <= window:
+        raise SystemExit(f"--scored {scored} must be within 1..--window {window}")
+    if mode not in MODES:
+        raise SystemExit(f"--mode must be one of {MODES}")
+    if mode == "forecast" and scored == window:
+        raise SystemExit("forecast mode needs at least one unscored (visible) step: --scored < --window")
+    CHANNELS = list(channels)
+    F = len(CHANNELS)
+    WINDOW = window
+    SCORED = scored
+    MODE = mode
+
+
 def load_csv(path: str):
     """Returns (cadence_ms, cells, rows) where cells is a list of
-    (cell_id, [node_id], raw float64 array [T, n, F] with NaN where missing)."""
+    (cell_id, [node_id], raw float64 array [T_cell, n, F] with NaN where missing, t0_ms).
+    Every cell has its own time axis: t0 = the cell's first timestamp, T_cell steps of
+    cadence_ms up to its last one (cells recorded at different times cost no empty steps)."""
     names = [c for c, _ in CHANNELS]
-    ts_list: list[int] = []
     recs: list[tuple[int, str, str, list[float]]] = []
+    cell_ts: dict[str, list[int]] = {}
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader)
@@ -107,44 +169,71 @@ def load_csv(path: str):
             if not row:
                 continue
             vals = []
-            for x in row[3:7]:
+            for x in row[3 : 3 + F]:
                 x = x.strip()
                 try:
                     v = float(x) if x else math.nan
                 except ValueError:
                     v = math.nan
                 vals.append(v if math.isfinite(v) else math.nan)
+            vals += [math.nan] * (F - len(vals))  # short row: the rest is missing
             ts = int(row[0])
             recs.append((ts, row[1], row[2], vals))
-            ts_list.append(ts)
+            cell_ts.setdefault(row[2], []).append(ts)
     if not recs:
         raise SystemExit(f"{path}: no rows")
-    uts = np.unique(np.asarray(ts_list, dtype=np.int64))
-    diffs = np.diff(uts)
+    uts = {cell: np.unique(np.asarray(t, dtype=np.int64)) for cell, t in cell_ts.items()}
+    diffs = np.concatenate([np.diff(u) for u in uts.values()])
     cadence = int(np.median(diffs)) if len(diffs) else 1000
-    t0 = int(uts[0])
-    steps = int(round((int(uts[-1]) - t0) / cadence)) + 1
     cell_nodes: dict[str, list[str]] = {}
     for _, node, cell, _ in recs:
         nodes = cell_nodes.setdefault(cell, [])
         if node not in nodes:
             nodes.append(node)
-    def natural(s):  # "line-2" before "line-10"
-        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
     cells = []
     index = {}
     for cell in sorted(cell_nodes, key=natural):
         nodes = sorted(cell_nodes[cell], key=natural)
+        t0 = int(uts[cell][0])
+        steps = int(round((int(uts[cell][-1]) - t0) / cadence)) + 1
         arr = np.full((steps, len(nodes), F), np.nan)
-        cells.append((cell, nodes, arr))
+        cells.append((cell, nodes, arr, t0))
         for j, node in enumerate(nodes):
-            index[(cell, node)] = (arr, j)
+            index[(cell, node)] = (arr, j, t0)
     for ts, node, cell, vals in recs:
-        arr, j = index[(cell, node)]
+        arr, j, t0 = index[(cell, node)]
         i = int(round((ts - t0) / cadence))
         arr[i, j] = vals
     return cadence, cells, len(recs)
+
+
+def standardise_per_series(cells, k_rows: int, floor_frac: float):
+    """Standardises every (cell, node, channel) series in place with the mean/std of that
+    node's first k_rows rows (its first k_rows steps with any reading). std is floored at
+    floor_frac x the channel's std over all data; a series with no reading of a channel in
+    its fit rows uses the channel's global mean/std. Returns (stats, global_std) with
+    stats[cell_id][node_id] = (mean[F], std[F])."""
+    allv = np.concatenate([a.reshape(-1, F) for _, _, a, _ in cells])
+    g_mean = np.nanmean(allv, axis=0)
+    g_std = np.nanstd(allv, axis=0)
+    g_std = np.where(g_std > 1e-12, g_std, 1.0)
+    floor = floor_frac * g_std
+    stats = {}
+    for cell, nodes, a, _ in cells:
+        stats[cell] = {}
+        for j, node in enumerate(nodes):
+            seen = np.flatnonzero(np.any(~np.isnan(a[:, j]), axis=1))[:k_rows]
+            fit = a[seen, j]  # [<=k, F]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", category=RuntimeWarning)
+                mu = np.nanmean(fit, axis=0) if len(fit) else np.full(F, np.nan)
+                sd = np.nanstd(fit, axis=0) if len(fit) else np.full(F, np.nan)
+            mu = np.where(np.isnan(mu), g_mean, mu)
+            sd = np.where(np.isnan(sd), g_std, np.maximum(sd, floor))
+            a[:, j] = (a[:, j] - mu) / sd
+            stats[cell][node] = (mu, sd)
+    return stats, g_std
 
 
 # ----------------------------------------------------------------------------------------
@@ -196,13 +285,35 @@ def count_params(p) -> int:
 
 def forward(p, values, mask, node_mask):
     """values, mask: [B, T, N, F]; node_mask: [B, N] -> reconstruction [B, T, N, F].
-    Mirrors the ONNX graph built in build_onnx() op for op."""
+    Hides the mode's inputs (forecast: the last SCORED steps; masked-channels: one pass per
+    channel with that channel hidden on the last SCORED steps, each channel's output taken
+    from its own pass) and runs body(). Mirrors the ONNX graph built in build_onnx() op for op."""
+    import jax.numpy as jnp
+
+    if MODE == "forecast":
+        keep = jnp.asarray(time_keep())  # [T,1,1]
+        m = mask * keep
+        v = values * m
+        return body(p, v, m, node_mask)
+    keeps = pass_keep()  # [G,T,1,F]
+    G = keeps.shape[0]
+    m = jnp.concatenate([mask * jnp.asarray(keeps[g]) for g in range(G)], axis=0)
+    v = jnp.concatenate([values] * G, axis=0) * m
+    nm = jnp.concatenate([node_mask] * G, axis=0)
+    y = body(p, v, m, nm)
+    parts = jnp.split(y, G, axis=0)
+    sel = pass_select()  # [G,1,1,F]
+    out = parts[0] * jnp.asarray(sel[0])
+    for g in range(1, G):
+        out = out + parts[g] * jnp.asarray(sel[g])
+    return out
+
+
+def body(p, v, m, node_mask):
+    """The network on already hidden inputs: v = values * m, m = the visible mask."""
     import jax
     import jax.numpy as jnp
 
-    keep = jnp.asarray(time_keep())  # [T,1,1]
-    m = mask * keep
-    v = values * m
     x = jnp.concatenate([v, m], axis=-1) @ p["embed"]["w"] + p["embed"]["b"]
     x = x + p["pos"][:, None, :]  # [B,T,N,D]
     bias = (node_mask - 1.0) * (-NEG)  # [B,N]: 0 real, -1e9 padded
@@ -247,16 +358,33 @@ def forward(p, values, mask, node_mask):
 
 
 def time_keep() -> np.ndarray:
+    """Forecast mode: [T,1,1], 0 on the last SCORED steps (hidden from the model)."""
     k = np.ones((WINDOW, 1, 1), np.float32)
     k[WINDOW - SCORED :] = 0.0
     return k
+
+
+def pass_keep() -> np.ndarray:
+    """Masked-channels mode: [G=F,T,1,F]; pass g hides channel g on the last SCORED steps."""
+    k = np.ones((F, WINDOW, 1, F), np.float32)
+    for g in range(F):
+        k[g, WINDOW - SCORED :, :, g] = 0.0
+    return k
+
+
+def pass_select() -> np.ndarray:
+    """Masked-channels mode: [G=F,1,1,F]; channel c's reconstruction comes from pass c."""
+    s = np.zeros((F, 1, 1, F), np.float32)
+    for g in range(F):
+        s[g, :, :, g] = 1.0
+    return s
 
 
 # ----------------------------------------------------------------------------------------
 # ONNX export
 
 
-def build_onnx(p, producer: str):
+def build_onnx(p, producer: str, graph_name: str = "plant_attention"):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -312,16 +440,27 @@ def build_onnx(p, producer: str):
         return linear(o, a["o"], pname + ".o")
 
     # inputs
-    keep = const(time_keep(), "time_keep")  # hide the last SCORED steps
-    m = op("Mul", ["mask", keep], prefix="mask_in")
-    v = op("Mul", ["values", m], prefix="values_in")
+    if MODE == "forecast":
+        keep = const(time_keep(), "time_keep")  # hide the last SCORED steps
+        m = op("Mul", ["mask", keep], prefix="mask_in")
+        v = op("Mul", ["values", m], prefix="values_in")
+        node_mask = "node_mask"
+    else:
+        # one pass per channel, stacked on the batch axis: pass g sees mask * pass_keep[g]
+        # (channel g hidden on the last SCORED steps)
+        keeps = pass_keep()
+        G = keeps.shape[0]
+        ms = [op("Mul", ["mask", const(keeps[g], f"pass{g}_keep")], prefix=f"mask_in{g}") for g in range(G)]
+        m = op("Concat", ms, axis=0, prefix="mask_in")
+        v = op("Mul", [op("Concat", ["values"] * G, axis=0), m], prefix="values_in")
+        node_mask = op("Concat", ["node_mask"] * G, axis=0, prefix="node_mask_in")
     x = op("Concat", [v, m], axis=-1)
     x = linear(x, p["embed"], "embed")
     pos = param(np.asarray(p["pos"])[:, None, :], "pos_embedding")
     x = op("Add", [x, pos])
     one = const(np.float32(1.0), "one")
     neg = const(np.float32(-NEG), "neg_big")
-    bias = op("Mul", [op("Sub", ["node_mask", one]), neg])
+    bias = op("Mul", [op("Sub", [node_mask, one]), neg])
     bias = op("Unsqueeze", [bias, const([1, 2, 3], "bias_axes", np.int64)], prefix="node_bias")
 
     for i, blk in enumerate(p["blocks"]):
@@ -334,12 +473,19 @@ def build_onnx(p, producer: str):
         h = linear(h, blk["ff2"], pre + ".ffn2")
         x = layernorm(op("Add", [x, h]), blk["f_ln"], pre + ".ffn_ln")
     y = linear(x, p["out"], "head")
+    if MODE != "forecast":
+        # back to [batch, ...]: channel c of the output comes from pass c
+        parts = [name(f"pass{g}_out") for g in range(G)]
+        nodes.append(helper.make_node("Split", [y], parts, name=name("split") + "_op", axis=0))
+        sel = pass_select()
+        picked = [op("Mul", [parts[g], const(sel[g], f"pass{g}_select")]) for g in range(G)]
+        y = op("Sum", picked, prefix="merge_passes")
     nodes.append(helper.make_node("Identity", [y], ["reconstruction"], name="reconstruction_op"))
 
     dims4 = ["batch", WINDOW, "nodes", F]
     graph = helper.make_graph(
         nodes,
-        "plant_attention",
+        graph_name,
         [
             helper.make_tensor_value_info("values", TensorProto.FLOAT, dims4),
             helper.make_tensor_value_info("mask", TensorProto.FLOAT, dims4),
@@ -402,6 +548,23 @@ def main() -> int:
     ap.add_argument("--max-train-seconds", type=float, default=480.0,
                     help="stop training (after the current step) once this much time has passed")
     ap.add_argument("--data-description", default=None)
+    ap.add_argument("--units", default=None,
+                    help="comma-separated units of the CSV's channels, in header order (default: known units "
+                         "of the plant's channels, else empty)")
+    ap.add_argument("--window", type=int, default=16, help="window_steps")
+    ap.add_argument("--scored", type=int, default=4, help="scored_steps: the last steps of a window that are scored")
+    ap.add_argument("--mode", choices=MODES, default="forecast",
+                    help="forecast: the last --scored steps of every channel are hidden and forecast from the "
+                         "earlier steps; masked-channels: one pass per channel inside the graph, channel c hidden "
+                         "on the last --scored steps and predicted from its earlier steps and all other channels")
+    ap.add_argument("--standardise-per-cell-rows", type=int, default=0, metavar="K",
+                    help="standardise every (cell, node, channel) series with the mean/std of its first K rows "
+                         "before training and calibration (contract channel stats become identity); 0 = off")
+    ap.add_argument("--std-floor-frac", type=float, default=1e-3,
+                    help="with --standardise-per-cell-rows: per-series std floor as a fraction of the global std")
+    ap.add_argument("--calibration-cells", default=None, metavar="REGEX",
+                    help="cells whose id matches REGEX (re.search) calibrate (all their steps) and are not trained "
+                         "on; the other cells train on all their steps. Default: the time split (--train-frac)")
     args = ap.parse_args()
 
     t_start = time.time()
@@ -417,23 +580,53 @@ def main() -> int:
         print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
 
     # ---------------- data
+    names = read_header(args.data)
+    if args.units is None:
+        units = [KNOWN_UNITS.get(n, "") for n in names]
+    else:
+        units = [u.strip() for u in args.units.split(",")] if args.units else []
+        if len(units) != len(names):
+            raise SystemExit(f"--units has {len(units)} entries, the CSV has {len(names)} channels {names}")
+    configure(list(zip(names, units)), args.window, args.scored, args.mode)
     cadence, cells, rows = load_csv(args.data)
-    steps = cells[0][2].shape[0]
-    split = int(steps * args.train_frac)
-    log(f"{args.data}: {rows} rows, {steps} steps of {cadence} ms, "
-        f"{len(cells)} cells ({', '.join(f'{c}:{len(n)}' for c, n, _ in cells)}), split at step {split}")
-    if split < WINDOW or steps - split < WINDOW:
+    cell_steps = [a.shape[0] for _, _, a, _ in cells]
+    if args.calibration_cells is None:
+        splits = [int(t * args.train_frac) for t in cell_steps]
+    else:
+        cal_re = re.compile(args.calibration_cells)
+        splits = [0 if cal_re.search(c) else t for (c, _, _, _), t in zip(cells, cell_steps)]
+    uniform = len(set(cell_steps)) == 1 and args.calibration_cells is None
+    steps, split = cell_steps[0], splits[0]  # the common time axis when uniform
+    if uniform:
+        log(f"{args.data}: {rows} rows, {steps} steps of {cadence} ms, "
+            f"{len(cells)} cells ({', '.join(f'{c}:{len(n)}' for c, n, _, _ in cells)}), split at step {split}")
+    else:
+        log(f"{args.data}: {rows} rows, {len(cells)} cells, {sum(cell_steps)} cell steps of {cadence} ms "
+            f"({min(cell_steps)}..{max(cell_steps)} per cell); train steps {sum(splits)}, "
+            f"calibration steps {sum(t - s for t, s in zip(cell_steps, splits))}")
+    train_cells = [i for i, s in enumerate(splits) if s >= WINDOW]
+    cal_cells = [i for i, (t, s) in enumerate(zip(cell_steps, splits)) if t - s >= WINDOW]
+    if not train_cells or not cal_cells:
         raise SystemExit("not enough steps for a train/calibration split")
-    max_cell = max(len(n) for _, n, _ in cells)
+    max_cell = max(len(n) for _, n, _, _ in cells)
     if max_cell > MAX_NODES:
         raise SystemExit(f"a cell has {max_cell} nodes, more than max_nodes={MAX_NODES}")
 
-    train_raw = np.concatenate([a[:split].reshape(-1, F) for _, _, a in cells])
-    mean = np.nanmean(train_raw, axis=0)
-    std = np.nanstd(train_raw, axis=0)
-    std = np.where(std > 1e-9, std, 1.0)
+    series_stats = None
+    if args.standardise_per_cell_rows > 0:
+        series_stats, g_std = standardise_per_series(cells, args.standardise_per_cell_rows, args.std_floor_frac)
+        mean = np.zeros(F)
+        std = np.ones(F)
+        log(f"per-series standardisation: every (cell, node, channel) with the mean/std of its first "
+            f"{args.standardise_per_cell_rows} rows, std floored at {args.std_floor_frac:g} x global std "
+            f"{np.round(g_std, 4).tolist()}; contract channel stats are identity")
+    else:
+        train_raw = np.concatenate([a[:sp].reshape(-1, F) for (_, _, a, _), sp in zip(cells, splits)])
+        mean = np.nanmean(train_raw, axis=0)
+        std = np.nanstd(train_raw, axis=0)
+        std = np.where(std > 1e-9, std, 1.0)
     norm = []  # per cell: (values f32 [T,n,F] with 0 where missing, mask f32)
-    for _, _, a in cells:
+    for _, _, a, _ in cells:
         obs = ~np.isnan(a)
         z = np.where(obs, (a - mean) / std, 0.0).astype(np.float32)
         norm.append((z, obs.astype(np.float32)))
@@ -441,12 +634,18 @@ def main() -> int:
     log(f"channel mean {np.round(mean, 4).tolist()} std {np.round(std, 4).tolist()}, missing {missing_frac:.4%}")
 
     rng = np.random.default_rng(args.seed)
-    n_train_windows = sum(split - WINDOW + 1 for _ in cells)
+    cell_windows = np.array([max(0, sp - WINDOW + 1) for sp in splits], np.float64)
+    n_train_windows = int(cell_windows.sum())
     spe = args.steps_per_epoch or max(1, n_train_windows // args.batch_size)
+    # cells are drawn in proportion to their training windows (uniformly when all are alike)
+    cell_p = None if len(set(cell_windows.tolist())) == 1 else cell_windows / cell_windows.sum()
 
     def sample_batch():
         B = args.batch_size
-        ci = rng.integers(0, len(cells), size=B)
+        if cell_p is None:
+            ci = rng.integers(0, len(cells), size=B)
+        else:
+            ci = rng.choice(len(cells), size=B, p=cell_p)
         ks = [int(rng.integers(1, len(cells[c][1]) + 1)) for c in ci]
         N = max(ks)
         vals = np.zeros((B, WINDOW, N, F), np.float32)
@@ -454,13 +653,17 @@ def main() -> int:
         nm = np.zeros((B, N), np.float32)
         for b, (c, k) in enumerate(zip(ci, ks)):
             z, m = norm[c]
-            s = int(rng.integers(0, split - WINDOW + 1))
+            s = int(rng.integers(0, splits[c] - WINDOW + 1))
             sel = rng.permutation(z.shape[1])[:k]
             vals[b, :, :k] = z[s : s + WINDOW][:, sel]
             msk[b, :, :k] = m[s : s + WINDOW][:, sel]
             nm[b, :k] = 1.0
         drop = (rng.random(msk.shape) < args.drop).astype(np.float32)
-        return vals, msk, nm, drop
+        if MODE == "forecast":
+            return vals, msk, nm, drop
+        # masked-channels: each window trains one of the graph's passes (a random channel)
+        hide = 1.0 - pass_keep()[rng.integers(0, F, size=B)]  # [B,T,1,F]
+        return vals, msk, nm, drop * (1.0 - hide), hide
 
     # ---------------- training
     params = init_params(jax.random.PRNGKey(args.seed))
@@ -483,9 +686,22 @@ def main() -> int:
         aux = jnp.sum(err * w_aux) / jnp.maximum(jnp.sum(w_aux), 1.0)
         return main + args.aux_weight * aux, (main, aux)
 
+    def loss_fn_masked(p, vals, msk, nm, drop, hide):
+        # one pass of the masked-channels graph per window: hide = the pass's hidden entries
+        m_in = msk * (1.0 - drop) * (1.0 - hide)
+        recon = body(p, vals * m_in, m_in, nm)
+        err = (recon - vals) ** 2
+        real = msk * nm[:, None, :, None]
+        w_main = real * hide
+        w_aux = real * drop
+        main = jnp.sum(err * w_main) / jnp.maximum(jnp.sum(w_main), 1.0)
+        aux = jnp.sum(err * w_aux) / jnp.maximum(jnp.sum(w_aux), 1.0)
+        return main + args.aux_weight * aux, (main, aux)
+
     @jax.jit
-    def train_step(p, s, vals, msk, nm, drop):
-        (loss, (main, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, vals, msk, nm, drop)
+    def train_step(p, s, vals, msk, nm, drop, *hide):
+        fn = loss_fn if MODE == "forecast" else loss_fn_masked
+        (loss, (main, aux)), g = jax.value_and_grad(fn, has_aux=True)(p, vals, msk, nm, drop, *hide)
         upd, s = opt.update(g, s, p)
         return optax.apply_updates(p, upd), s, loss, main, aux
 
@@ -499,8 +715,8 @@ def main() -> int:
         for _ in range(spe):
             # no host sync inside the epoch: JAX dispatches asynchronously, so the next batch
             # is sampled while the previous step still runs
-            vals, msk, nm, drop = sample_batch()
-            params, opt_state, loss, main, aux = train_step(params, opt_state, vals, msk, nm, drop)
+            batch = sample_batch()
+            params, opt_state, loss, main, aux = train_step(params, opt_state, *batch)
             acc.append(jnp.stack([loss, main, aux]))
         acc = np.asarray(jnp.mean(jnp.stack(acc), axis=0), np.float64)
         epochs_done += 1
@@ -515,7 +731,8 @@ def main() -> int:
     fwd = jax.jit(forward)
 
     # ---------------- export + verification against JAX
-    model = build_onnx(params, f"jax {jax.__version__}, onnx {onnx.__version__}")
+    graph_name = re.sub(r"\W", "_", args.name)
+    model = build_onnx(params, f"jax {jax.__version__}, onnx {onnx.__version__}", graph_name)
     onnx_bytes = model.SerializeToString()
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
@@ -547,7 +764,7 @@ def main() -> int:
         raise SystemExit(f"ONNX export does not match JAX: max abs diff {max_diff} >= {TOL}")
 
     # padding invariance: a real node's output must not depend on padded nodes' contents
-    vals, msk, nm, _ = sample_batch()
+    vals, msk, nm = sample_batch()[:3]
     B, _, N, _ = vals.shape
     padded_v = np.concatenate([vals, vrng.standard_normal((B, WINDOW, 3, F)).astype(np.float32)], axis=2)
     padded_m = np.concatenate([msk, np.ones((B, WINDOW, 3, F), np.float32)], axis=2)
@@ -564,7 +781,7 @@ def main() -> int:
     cal_v, cal_m, cal_nm, cal_meta = [], [], [], []
     for ci, (z, m) in enumerate(norm):
         n = z.shape[1]
-        for s in range(split, steps - WINDOW + 1, args.calib_stride):
+        for s in range(splits[ci], cell_steps[ci] - WINDOW + 1, args.calib_stride):
             v = np.zeros((WINDOW, max_cell, F), np.float32)
             mm = np.zeros((WINDOW, max_cell, F), np.float32)
             v[:, :n] = z[s : s + WINDOW]
@@ -606,19 +823,31 @@ def main() -> int:
     gm = np.zeros((2, WINDOW, g_nodes, F), np.float32)
     graw = np.full((2, WINDOW, g_nodes, F), np.nan)
     gnm = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
-    s0 = split + 40
-    for b, (ci, n_real) in enumerate([(0, 3), (min(1, len(cells) - 1), 2)]):
-        raw = cells[ci][2][s0 + 8 * b : s0 + 8 * b + WINDOW, :n_real].copy()
-        k = min(n_real, raw.shape[1])
-        graw[b, :, :k] = raw[:, :k]
+    # each item's nodes: the first nodes of a cell with a calibration range (continuing with
+    # the next such cells if the cell has fewer nodes), from a window 40 steps into that range
+    g_cells = [i for i in cal_cells if cell_steps[i] >= WINDOW + 8] or [i for i in range(len(cells)) if cell_steps[i] >= WINDOW + 8]
+    if not g_cells:
+        raise SystemExit("no cell is long enough for the golden vector")
+    g_src = []  # per item: [(cell index, node index)]
+    for b, (start, n_real) in enumerate([(0, 3), (min(1, len(g_cells) - 1), 2)]):
+        src = []
+        for ci in g_cells[start:] + g_cells[:start]:
+            src += [(ci, j) for j in range(len(cells[ci][1]))]
+        src = src[:n_real]
+        g_src.append(src)
+        for n, (ci, j) in enumerate(src):
+            s0 = max(0, min(splits[ci] + 40, cell_steps[ci] - WINDOW - 8))
+            graw[b, :, n] = cells[ci][2][s0 + 8 * b : s0 + 8 * b + WINDOW, j]
+    ac = min(3, F - 1)  # the channel of the unobserved entry and of the anomaly
     # some missing entries: early, scored, and one (node, channel) with no observed scored step
-    graw[0, 3, 1, 2] = np.nan
-    graw[0, 13, 0, 1] = np.nan
-    graw[0, WINDOW - SCORED :, 2, 3] = np.nan
+    graw[0, 3, 1, min(2, F - 1)] = np.nan
+    graw[0, 13, 0, min(1, F - 1)] = np.nan
+    graw[0, WINDOW - SCORED :, 2, ac] = np.nan
     graw[1, 0, 0, :] = np.nan
     graw[1, 14, 1, 0] = np.nan
-    # an anomaly in the second window: +4 A on node 1's current in the scored steps
-    graw[1, WINDOW - SCORED :, 1, 3] += 4.0
+    # an anomaly in the second window: +4 (A for the plant's current) on node 1's channel ac in
+    # the scored steps
+    graw[1, WINDOW - SCORED :, 1, ac] += 4.0
     obs = ~np.isnan(graw) & (gnm[:, None, :, None] > 0)
     gv[:] = np.where(obs, (graw - mean) / std, 0.0)
     gm[:] = obs
@@ -661,14 +890,64 @@ def main() -> int:
     except ValueError:
         pass
     command = shlex.join([py, argv0, *sys.argv[1:]])
-    sizes = sorted({len(n) for _, n, _ in cells})
-    desc = args.data_description or (
-        f"plant CSV {args.data}: normal operation, {len(cells)} cells ({cells[0][0]} .. {cells[-1][0]}) of "
-        + "/".join(str(x) for x in sizes)
-        + f" nodes, {sum(len(n) for _, n, _ in cells)} nodes, {steps} steps of {cadence} ms "
-        f"({steps * cadence / 3.6e6:.2f} h); train = first {args.train_frac:.0%} of the time steps "
-        f"({split} steps), calibration = the rest ({steps - split} steps)"
+    sizes = sorted({len(n) for _, n, _, _ in cells})
+    cell_range = f"{len(cells)} cells ({cells[0][0]} .. {cells[-1][0]}) of " + "/".join(str(x) for x in sizes)
+    n_nodes = sum(len(n) for _, n, _, _ in cells)
+    if uniform:
+        desc = args.data_description or (
+            f"plant CSV {args.data}: normal operation, {cell_range}"
+            + f" nodes, {n_nodes} nodes, {steps} steps of {cadence} ms "
+            f"({steps * cadence / 3.6e6:.2f} h); train = first {args.train_frac:.0%} of the time steps "
+            f"({split} steps), calibration = the rest ({steps - split} steps)"
+        )
+        cal_where = f"held-out last {1 - args.train_frac:.0%} of the time steps"
+    else:
+        if args.calibration_cells is None:
+            split_desc = (f"train = the first {args.train_frac:.0%} of every cell's time steps, calibration = the "
+                          "rest of each cell")
+            cal_where = f"held-out last {1 - args.train_frac:.0%} of every cell's time steps"
+        else:
+            n_cal = sum(1 for sp in splits if sp == 0)
+            split_desc = (f"calibration = all steps of the {n_cal} cells matching {args.calibration_cells!r}, "
+                          "train = all steps of the other cells")
+            cal_where = f"all steps of the cells matching {args.calibration_cells!r} (not trained on)"
+        desc = args.data_description or (
+            f"CSV {args.data}: normal operation, {cell_range} nodes, {n_nodes} nodes, each cell on its own "
+            f"time axis of {cadence} ms steps ({min(cell_steps)}..{max(cell_steps)} steps per cell, "
+            f"{sum(cell_steps)} in all, {sum(cell_steps) * cadence / 3.6e6:.2f} h); {split_desc} "
+            f"({sum(splits)} train steps, {sum(cell_steps) - sum(splits)} calibration steps)"
+        )
+    if MODE == "forecast":
+        hiding = ("inside the graph the last scored_steps steps of mask and values are zeroed, so the model "
+                  f"forecasts them from the first {WINDOW - SCORED} steps of every node of the cell")
+        loss_desc = (f"MSE on observed entries of the last {SCORED} steps (forecast) + {args.aux_weight} x MSE on "
+                     f"entries of the first {WINDOW - SCORED} steps hidden by {args.drop:.0%} random extra "
+                     "missingness; random windows, random node subsets (1..cell size) padded to the batch maximum")
+        arch_in = ""
+    else:
+        source = (f"its own first {WINDOW - SCORED} steps and from all other channels" if SCORED < WINDOW
+                  else "all other channels only (its own readings are hidden on the whole window)")
+        hiding = (f"inside the graph the window is run as {F} passes stacked on the batch axis; pass c zeroes "
+                  "mask and values of channel c on the last scored_steps steps, and reconstruction[..., c] is "
+                  "pass c's output for channel c, so every channel is predicted on the scored steps from "
+                  f"{source} of every node of the cell")
+        loss_desc = (f"MSE on the hidden entries (one random channel per window hidden on the last {SCORED} "
+                     f"steps: one pass of the graph) + {args.aux_weight} x MSE on the other entries hidden by "
+                     f"{args.drop:.0%} random extra missingness; random windows, random node subsets (1..cell "
+                     "size) padded to the batch maximum")
+        arch_in = (f"masked-channels: {F} passes (batch x {F}) with per-pass input masks, merged per channel "
+                   "after the head (Split + Mul + Sum); ")
+    cal_err = "forecast" if MODE == "forecast" else "prediction"
+    normalisation_desc = (
+        "values = (x - channels[c].mean) / channels[c].std, 0 where unobserved (mask 0); padded nodes "
+        f"have node_mask 0 and are excluded from scoring; {hiding}"
     )
+    if series_stats is not None:
+        normalisation_desc = (
+            f"per series: every (cell, node, channel) series is standardised with the mean and std of its own "
+            f"first {args.standardise_per_cell_rows} rows (std floored at {args.std_floor_frac:g} x the channel's "
+            "global std in training); channels[c].mean/std are the identity (0/1). " + normalisation_desc
+        )
     contract = {
         "name": args.name,
         "version": args.version,
@@ -696,9 +975,9 @@ def main() -> int:
             "windows": int(len(scores)),
             "rule": "threshold = 1.25 x p99.9 of calibration scores",
             "method": (
-                f"held-out last {1 - args.train_frac:.0%} of the time steps; windows of every node of a cell "
+                f"{cal_where}; windows of every node of a cell "
                 f"(the whole cell), stepping by {args.calib_stride} steps; error_scale[c] = mean squared "
-                "forecast error of channel c over all observed scored entries of these windows; quantiles "
+                f"{cal_err} error of channel c over all observed scored entries of these windows; quantiles "
                 "with numpy's linear interpolation"
             ),
         },
@@ -706,12 +985,7 @@ def main() -> int:
             "score = max over (node, channel) of mean over the last scored_steps observed steps of "
             "(reconstruction - values)^2 / error_scale[channel]"
         ),
-        "normalisation": (
-            "values = (x - channels[c].mean) / channels[c].std, 0 where unobserved (mask 0); padded nodes "
-            "have node_mask 0 and are excluded from scoring; inside the graph the last scored_steps steps "
-            "of mask and values are zeroed, so the model forecasts them from the first "
-            f"{WINDOW - SCORED} steps of every node of the cell"
-        ),
+        "normalisation": normalisation_desc,
         "architecture": {
             "d_model": D_MODEL,
             "heads": HEADS,
@@ -719,11 +993,12 @@ def main() -> int:
             "ffn": FFN,
             "params": n_params,
             "description": (
-                "embed concat(values*mask, mask) -> Linear(8->32) + learned temporal position embedding "
-                "[16,32]; 2 x [temporal MHA over the 16 steps of each node + residual + LayerNorm; spatial "
+                f"{arch_in}embed concat(values*mask, mask) -> Linear({2 * F}->{D_MODEL}) + learned temporal "
+                f"position embedding [{WINDOW},{D_MODEL}]; {BLOCKS} x [temporal MHA over the {WINDOW} steps of "
+                "each node + residual + LayerNorm; spatial "
                 "MHA over the nodes at each step (padded nodes masked as keys, bias -1e9) + residual + "
-                "LayerNorm; FFN 32->64->32 ReLU + residual + LayerNorm]; Linear(32->4); post-norm, "
-                "LayerNorm eps 1e-5"
+                f"LayerNorm; FFN {D_MODEL}->{FFN}->{D_MODEL} ReLU + residual + LayerNorm]; "
+                f"Linear({D_MODEL}->{F}); post-norm, LayerNorm eps 1e-5"
             ),
         },
         "training": {
@@ -739,11 +1014,7 @@ def main() -> int:
             "final_masked_mse": float(history[-1]["masked_mse"]),
             "train_seconds": round(train_seconds, 1),
             "stopped_by_time_budget": stopped_early,
-            "loss": (
-                f"MSE on observed entries of the last {SCORED} steps (forecast) + {args.aux_weight} x MSE on "
-                f"entries of the first {WINDOW - SCORED} steps hidden by {args.drop:.0%} random extra "
-                "missingness; random windows, random node subsets (1..cell size) padded to the batch maximum"
-            ),
+            "loss": loss_desc,
             "optimizer": f"adamw lr {args.lr} warmup+cosine, weight decay {args.weight_decay}, clip 1.0",
             "command": command,
             "framework": f"jax {jax.__version__} + optax {optax.__version__}, exported with onnx {onnx.__version__} "
@@ -758,17 +1029,57 @@ def main() -> int:
             },
         },
     }
+    # keys that only appear when the generalised options are used (the plant's default contract
+    # keeps its exact layout)
+    if MODE != "forecast":
+        contract["architecture"]["mode"] = MODE
+        contract["architecture"]["passes"] = F
+        contract["training"]["mode"] = MODE
+    if args.calibration_cells is not None:
+        contract["training"]["calibration_cells"] = args.calibration_cells
+    if not uniform:
+        contract["training"]["cells"] = len(cells)
+        contract["training"]["time_axis"] = "per cell (own t0 and step count); windows never cross cells"
+    if series_stats is not None:
+        # `normalisation` stays the human-readable description; `standardisation` is the
+        # machine-readable switch the Rust side reads ("contract", the default, or this).
+        contract["normalisation"] = normalisation_desc
+        contract["standardisation"] = "per-series-fit"
+        contract["training"]["standardisation"] = {
+            "kind": "per-series-fit",
+            "fit_rows": args.standardise_per_cell_rows,
+            "series": "(cell, node, channel)",
+            "statistics": "mean and std (ddof 0) of the series' readings in its first fit_rows rows "
+                          "(a row = a time step with any reading of that node)",
+            "std_floor": [float(x) for x in args.std_floor_frac * g_std],
+            "std_floor_rule": f"{args.std_floor_frac:g} x the channel's std over all training CSV readings",
+        }
+
+    # golden notes: which nodes, which channel carries the unobserved entry and the anomaly
+    ac_name, ac_unit = CHANNELS[ac]
+    multi = any(len({ci for ci, _ in src}) > 1 for src in g_src)
+    nodes_of = "nodes taken from several 1-node cells (a numerical test only)" if multi else "nodes of one cell"
+    if series_stats is not None:
+        raw_note = ("raw_values are the per-series standardised readings (the contract's channel stats are the "
+                    "identity; series_mean/series_std [b][n][c] give each node's series statistics, physical = "
+                    "raw * std + mean) (null = missing or padding)")
+    else:
+        raw_note = "raw_values are the same readings in physical units (null = missing or padding)"
+    if series_stats is not None:
+        offset = "+4 (per-series standardised units)"
+    else:
+        offset = f"+4 {ac_unit}" if ac_unit else "+4"
     golden = {
         "model": base + ".onnx",
         "onnx_sha256": sha,
         "tolerance": TOL,
         "shape": {"batch": 2, "window_steps": WINDOW, "nodes": g_nodes, "channels": F},
         "notes": (
-            "values are normalised with the contract's channel mean/std (0 where mask is 0); raw_values are "
-            "the same readings in physical units (null = missing or padding). Item 0: 3 real nodes of one "
-            "cell, with missing entries, and node 2's current unobserved on every scored step (excluded, "
+            f"values are normalised with the contract's channel mean/std (0 where mask is 0); {raw_note}. "
+            f"Item 0: 3 real {nodes_of}, with missing entries, and node 2's {ac_name} unobserved on every "
+            "scored step (excluded, "
             "error null). Item 1: 2 real nodes + 1 padded node (node_mask 0, values/mask 0), node 0 missing "
-            "at step 0, and +4 A added to node 1's current on the scored steps (an anomaly). "
+            f"at step 0, and {offset} added to node 1's {ac_name} on the scored steps (an anomaly). "
             "reconstruction is ONNX Runtime's output for every entry; padded nodes' outputs are don't-care "
             "(compare real nodes only). errors[b][n][c] is e[n,c] of the scoring rule (null = excluded), "
             "score[b] = max of errors[b]."
@@ -784,6 +1095,15 @@ def main() -> int:
             "anomalous": [bool(s > threshold) for s in g_score],
         },
     }
+    if series_stats is not None:
+        g_mu = np.full((2, g_nodes, F), np.nan)
+        g_sd = np.full((2, g_nodes, F), np.nan)
+        for b, src in enumerate(g_src):
+            for n, (ci, j) in enumerate(src):
+                if gnm[b, n] > 0:
+                    g_mu[b, n], g_sd[b, n] = series_stats[cells[ci][0]][cells[ci][1][j]]
+        golden["series_mean"] = nested(g_mu)
+        golden["series_std"] = nested(g_sd)
     with open(prefix + ".json", "w") as f:
         json.dump(contract, f, indent=2)
         f.write("\n")
