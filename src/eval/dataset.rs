@@ -390,6 +390,9 @@ pub struct RangeLabel {
     /// Series (file) it concerns, by name (`dir/stem`) or stem; empty: every series.
     #[serde(default)]
     pub series: String,
+    /// Kind of anomaly (event recall is also reported per kind); may be empty.
+    #[serde(default)]
+    pub kind: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -400,6 +403,8 @@ struct JsonRange {
     nodes: Vec<String>,
     #[serde(default)]
     series: String,
+    #[serde(default)]
+    kind: String,
 }
 
 fn json_time(v: &serde_json::Value) -> Option<i64> {
@@ -435,6 +440,7 @@ pub fn load_ranges(path: &Path) -> anyhow::Result<Vec<RangeLabel>> {
                     end_ms,
                     nodes: r.nodes,
                     series: r.series,
+                    kind: r.kind,
                 })
             })
             .collect();
@@ -450,6 +456,7 @@ pub fn load_ranges(path: &Path) -> anyhow::Result<Vec<RangeLabel>> {
     };
     let nodes = find(&["nodes", "node_ids", "node_id"]);
     let series = find(&["series"]);
+    let kind = find(&["kind"]);
     let mut out = Vec::new();
     for (i, record) in rdr.records().enumerate() {
         let line = i + 2;
@@ -471,6 +478,10 @@ pub fn load_ranges(path: &Path) -> anyhow::Result<Vec<RangeLabel>> {
                 })
                 .unwrap_or_default(),
             series: series
+                .and_then(|c| record.get(c))
+                .unwrap_or_default()
+                .to_string(),
+            kind: kind
                 .and_then(|c| record.get(c))
                 .unwrap_or_default()
                 .to_string(),
@@ -589,6 +600,10 @@ mod tests {
             (1_583_748_873_000, 1_583_748_875_000)
         );
         assert!(r[1].nodes.is_empty());
+        assert_eq!(
+            (r[0].kind.as_str(), r[1].kind.as_str()),
+            ("incident", "spike")
+        );
         let json = write(
             &dir,
             "labels.json",

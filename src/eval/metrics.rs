@@ -34,6 +34,15 @@ pub struct LabelledRange {
     pub end_ms: i64,
     /// Indices of the tracks (cells) it concerns.
     pub tracks: Vec<usize>,
+    /// What kind of anomaly it is (e.g. an injected fault's kind); may be empty.
+    pub kind: String,
+}
+
+/// Labelled ranges of one kind, and how many were found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct KindRecall {
+    pub ranges: u64,
+    pub found: u64,
 }
 
 /// Every figure `gridwatch eval` reports for one detector.
@@ -66,6 +75,8 @@ pub struct Metrics {
     /// Over found ranges: start → first flagged point inside, in seconds.
     pub mean_delay_s: f64,
     pub median_delay_s: f64,
+    /// Event recall per kind of labelled range (ranges with a kind only).
+    pub by_kind: std::collections::BTreeMap<String, KindRecall>,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -127,6 +138,11 @@ pub fn compute(tracks: &[Track], ranges: &[LabelledRange], merge_gap: usize) -> 
             .iter()
             .filter_map(|&i| first_flag_in(&tracks[i], r.start_ms, r.end_ms))
             .min();
+        let kind = (!r.kind.is_empty()).then(|| m.by_kind.entry(r.kind.clone()).or_default());
+        if let Some(k) = kind {
+            k.ranges += 1;
+            k.found += u64::from(first.is_some());
+        }
         if let Some(at) = first {
             m.ranges_found += 1;
             delays.push((at - r.start_ms).max(0) as f64 / 1000.0);
@@ -195,6 +211,7 @@ pub fn label_runs(track: &Track, index: usize) -> Vec<LabelledRange> {
             start_ms: track.times_ms[start],
             end_ms: track.times_ms[i - 1] + track.cadence_ms,
             tracks: vec![index],
+            kind: String::new(),
         });
     }
     out
@@ -291,15 +308,24 @@ mod tests {
                 start_ms: 2_000,
                 end_ms: 4_000,
                 tracks: vec![0, 1],
+                kind: "spike".into(),
             },
             LabelledRange {
                 start_ms: 6_000,
                 end_ms: 9_000,
                 tracks: vec![0],
+                kind: "spike".into(),
             },
         ];
         let m = compute(&[a, b], &ranges, 0);
         assert_eq!((m.ranges, m.ranges_found), (2, 1));
+        assert_eq!(
+            m.by_kind["spike"],
+            KindRecall {
+                ranges: 2,
+                found: 1
+            }
+        );
         assert_eq!(m.mean_delay_s, 1.0);
         assert_eq!(m.median_delay_s, 1.0);
         // Cell 1's two alarms cover no label of cell 1: both false.

@@ -440,6 +440,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                 start_ms: start,
                 end_ms: r.end_ms,
                 tracks: on,
+                kind: r.kind.clone(),
             });
         }
         summary.cells += cell_names.len();
@@ -792,6 +793,22 @@ pub fn report_text(r: &Report) -> String {
             m.false_alarms_per_day,
             m.false_alarms_per_cell_day,
             m.mean_delay_s
+        );
+    }
+    if let Some(model) = r.results.first()
+        && !model.metrics.by_kind.is_empty()
+    {
+        let kinds: Vec<String> = model
+            .metrics
+            .by_kind
+            .iter()
+            .map(|(k, v)| format!("{k} {}/{}", v.found, v.ranges))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nevent recall by kind ({}): {}",
+            model.detector,
+            kinds.join(", ")
         );
     }
     if let Some(a) = r.results.first().and_then(|res| res.attribution.as_ref())
