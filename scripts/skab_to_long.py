@@ -82,7 +82,9 @@ def labelled_files(data_dir: str) -> list[tuple[str, str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", default="/work/shared/data/skab/data", help="SKAB's data/ folder")
+    default_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "skab", "data")
+    ap.add_argument("--data-dir", default=os.path.normpath(default_dir),
+                    help="SKAB's data/ folder (default: ../shared/data/skab/data beside the repository)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--fit-rows", type=int, default=400,
                     help="rows of each labelled file to include (the protocol's fit range)")
