@@ -53,6 +53,11 @@ The above (the defaults) is the plant model. The trainer is not tied to the plan
 * ``--mode masked-channels`` (default ``forecast``): inside the graph, one pass per channel
   stacked on the batch axis, pass c hiding channel c on the last scored steps; channel c's
   output comes from pass c (Split/Mul/Sum). Same inputs, output and scoring rule.
+* ``--mode masked-nodes``: inside the graph, one pass per node (a dynamic count: the graph's
+  ``nodes`` dim) stacked on the batch axis, pass p hiding node p (all channels) on the last
+  scored steps while the other nodes stay fully visible; node p's output comes from pass p
+  (EyeLike one-hot, Mul, ReduceSum). Every node's scored steps are predicted from its own
+  earlier steps and its neighbours' concurrent readings (a 1-node cell: a forecast).
 scripts/train-skab-model.sh uses these for SKAB (scripts/skab_to_long.py makes its CSV).
 
 The model contract
@@ -96,8 +101,8 @@ CHANNELS = [(n, u) for n, u in KNOWN_UNITS.items()]
 F = len(CHANNELS)
 WINDOW = 16  # window_steps
 SCORED = 4  # scored_steps: the last SCORED steps are the ones the detector scores
-MODE = "forecast"  # or "masked-channels"
-MODES = ("forecast", "masked-channels")
+MODE = "forecast"  # or "masked-channels" or "masked-nodes"
+MODES = ("forecast", "masked-channels", "masked-nodes")
 D_MODEL = 32
 HEADS = 4
 D_HEAD = D_MODEL // HEADS
@@ -287,7 +292,9 @@ def forward(p, values, mask, node_mask):
     """values, mask: [B, T, N, F]; node_mask: [B, N] -> reconstruction [B, T, N, F].
     Hides the mode's inputs (forecast: the last SCORED steps; masked-channels: one pass per
     channel with that channel hidden on the last SCORED steps, each channel's output taken
-    from its own pass) and runs body(). Mirrors the ONNX graph built in build_onnx() op for op."""
+    from its own pass; masked-nodes: one pass per node with that node hidden on the last
+    SCORED steps, each node's output taken from its own pass) and runs body(). Mirrors the
+    ONNX graph built in build_onnx() op for op."""
     import jax.numpy as jnp
 
     if MODE == "forecast":
@@ -295,6 +302,17 @@ def forward(p, values, mask, node_mask):
         m = mask * keep
         v = values * m
         return body(p, v, m, node_mask)
+    if MODE == "masked-nodes":
+        B, T, N, Fc = values.shape
+        onehot = jnp.eye(N, dtype=jnp.float32)[:, None, :, None]  # [P=N,1,N,1]: pass p <-> node p
+        scored = jnp.asarray((1.0 - time_keep())[None])  # [1,T,1,1]: 1 on the last SCORED steps
+        keep = 1.0 - onehot * scored  # [P,T,N,1]: pass p hides node p on the scored steps
+        m = mask[:, None] * keep  # [B,P,T,N,F]
+        v = values[:, None] * m
+        nm = node_mask[:, None, :] * jnp.ones((N, 1), jnp.float32)  # [B,P,N]
+        y = body(p, v.reshape((B * N, T, N, Fc)), m.reshape((B * N, T, N, Fc)), nm.reshape((B * N, N)))
+        y = y.reshape((B, N, T, N, Fc))  # [B,P,T,N,F]
+        return jnp.sum(y * onehot, axis=1)  # node n's output from pass n
     keeps = pass_keep()  # [G,T,1,F]
     G = keeps.shape[0]
     m = jnp.concatenate([mask * jnp.asarray(keeps[g]) for g in range(G)], axis=0)
@@ -445,6 +463,31 @@ def build_onnx(p, producer: str, graph_name: str = "plant_attention"):
         m = op("Mul", ["mask", keep], prefix="mask_in")
         v = op("Mul", ["values", m], prefix="values_in")
         node_mask = "node_mask"
+    elif MODE == "masked-nodes":
+        # one pass per node (a dynamic count), stacked on the batch axis: [B, P=N, ...] ->
+        # [B*N, ...]; pass p sees mask with node p zeroed on the last SCORED steps
+        n_dim = op("Slice", [op("Shape", ["node_mask"]), const([1], "i1", np.int64), const([2], "i2", np.int64),
+                             const([0], "i0", np.int64)], prefix="nodes_dim")  # [1] = N
+        nn_dim = op("Concat", [n_dim, n_dim], axis=0, prefix="nodes_sq_dim")  # [2] = [N, N]
+        eye = op("EyeLike", [op("ConstantOfShape", [nn_dim], prefix="ones_nn",
+                                value=numpy_helper.from_array(np.array([1.0], np.float32)))],
+                 prefix="pass_eye")  # [N, N]: pass p <-> node p
+        onehot = op("Unsqueeze", [eye, const([1, 3], "onehot_axes", np.int64)], prefix="pass_onehot")  # [P,1,N,1]
+        scored = const((1.0 - time_keep())[None], "scored_steps_sel")  # [1,T,1,1]
+        keep = op("Sub", [const(np.float32(1.0), "one_keep"), op("Mul", [onehot, scored])],
+                  prefix="pass_keep")  # [P,T,N,1]
+        axis1 = const([1], "axis1", np.int64)
+        m5 = op("Mul", [op("Unsqueeze", ["mask", axis1]), keep], prefix="mask_passes")  # [B,P,T,N,F]
+        v5 = op("Mul", [op("Unsqueeze", ["values", axis1]), m5], prefix="values_passes")
+        stack_shape = op("Concat", [const([-1, WINDOW], "stack_lead", np.int64), n_dim,
+                                    const([F], "stack_f", np.int64)], axis=0, prefix="stack_shape")  # [-1,T,N,F]
+        m = op("Reshape", [m5, stack_shape], prefix="mask_in")  # [B*N,T,N,F]
+        v = op("Reshape", [v5, stack_shape], prefix="values_in")
+        ones_n = op("ConstantOfShape", [n_dim], prefix="ones_n",
+                    value=numpy_helper.from_array(np.array([1.0], np.float32)))  # [N]
+        ones_col = op("Unsqueeze", [ones_n, const([1], "col_axes", np.int64)], prefix="ones_col")  # [N,1]
+        nm3 = op("Mul", [op("Unsqueeze", ["node_mask", axis1]), ones_col], prefix="node_mask_passes")  # [B,P,N]
+        node_mask = op("Reshape", [nm3, const([-1, 0], "nm_stack_shape", np.int64)], prefix="node_mask_in")
     else:
         # one pass per channel, stacked on the batch axis: pass g sees mask * pass_keep[g]
         # (channel g hidden on the last SCORED steps)
@@ -473,7 +516,13 @@ def build_onnx(p, producer: str, graph_name: str = "plant_attention"):
         h = linear(h, blk["ff2"], pre + ".ffn2")
         x = layernorm(op("Add", [x, h]), blk["f_ln"], pre + ".ffn_ln")
     y = linear(x, p["out"], "head")
-    if MODE != "forecast":
+    if MODE == "masked-nodes":
+        # back to [batch, pass, T, N, F]; node n of the output comes from pass n
+        unstack_shape = op("Concat", [const([-1], "unstack_lead", np.int64), n_dim, const([WINDOW], "unstack_t", np.int64),
+                                      n_dim, const([F], "unstack_f", np.int64)], axis=0, prefix="unstack_shape")
+        y5 = op("Reshape", [y, unstack_shape], prefix="passes_out")
+        y = op("ReduceSum", [op("Mul", [y5, onehot]), axis1], prefix="merge_passes", keepdims=0)
+    elif MODE != "forecast":
         # back to [batch, ...]: channel c of the output comes from pass c
         parts = [name(f"pass{g}_out") for g in range(G)]
         nodes.append(helper.make_node("Split", [y], parts, name=name("split") + "_op", axis=0))
@@ -556,12 +605,18 @@ def main() -> int:
     ap.add_argument("--mode", choices=MODES, default="forecast",
                     help="forecast: the last --scored steps of every channel are hidden and forecast from the "
                          "earlier steps; masked-channels: one pass per channel inside the graph, channel c hidden "
-                         "on the last --scored steps and predicted from its earlier steps and all other channels")
+                         "on the last --scored steps and predicted from its earlier steps and all other channels; "
+                         "masked-nodes: one pass per node inside the graph, node p hidden on the last --scored "
+                         "steps and predicted from its earlier steps and the other nodes' readings (incl. the "
+                         "same steps)")
     ap.add_argument("--standardise-per-cell-rows", type=int, default=0, metavar="K",
                     help="standardise every (cell, node, channel) series with the mean/std of its first K rows "
                          "before training and calibration (contract channel stats become identity); 0 = off")
     ap.add_argument("--std-floor-frac", type=float, default=1e-3,
                     help="with --standardise-per-cell-rows: per-series std floor as a fraction of the global std")
+    ap.add_argument("--whole-cell-frac", type=float, default=0.0,
+                    help="share of training windows that take all nodes of their cell instead of a random subset "
+                         "of 1..(cell size) nodes (default 0: always a random subset)")
     ap.add_argument("--calibration-cells", default=None, metavar="REGEX",
                     help="cells whose id matches REGEX (re.search) calibrate (all their steps) and are not trained "
                          "on; the other cells train on all their steps. Default: the time split (--train-frac)")
@@ -646,7 +701,13 @@ def main() -> int:
             ci = rng.integers(0, len(cells), size=B)
         else:
             ci = rng.choice(len(cells), size=B, p=cell_p)
-        ks = [int(rng.integers(1, len(cells[c][1]) + 1)) for c in ci]
+        if args.whole_cell_frac > 0:
+            # a share of the windows takes the whole cell (as the detector sees it), the rest a
+            # random subset of 1..(cell size) nodes
+            ks = [len(cells[c][1]) if rng.random() < args.whole_cell_frac else int(rng.integers(1, len(cells[c][1]) + 1))
+                  for c in ci]
+        else:
+            ks = [int(rng.integers(1, len(cells[c][1]) + 1)) for c in ci]
         N = max(ks)
         vals = np.zeros((B, WINDOW, N, F), np.float32)
         msk = np.zeros((B, WINDOW, N, F), np.float32)
@@ -661,6 +722,13 @@ def main() -> int:
         drop = (rng.random(msk.shape) < args.drop).astype(np.float32)
         if MODE == "forecast":
             return vals, msk, nm, drop
+        if MODE == "masked-nodes":
+            # each window trains one of the graph's passes: a random real node hidden on the
+            # last SCORED steps (all channels), the other nodes fully visible
+            hide = np.zeros((B, WINDOW, N, 1), np.float32)
+            for b, k in enumerate(ks):
+                hide[b, WINDOW - SCORED :, int(rng.integers(0, k))] = 1.0
+            return vals, msk, nm, drop * (1.0 - hide), hide
         # masked-channels: each window trains one of the graph's passes (a random channel)
         hide = 1.0 - pass_keep()[rng.integers(0, F, size=B)]  # [B,T,1,F]
         return vals, msk, nm, drop * (1.0 - hide), hide
@@ -793,10 +861,11 @@ def main() -> int:
             cal_nm.append(nmm)
             cal_meta.append((ci, s))
     cal_v, cal_m, cal_nm = np.stack(cal_v), np.stack(cal_m), np.stack(cal_nm)
-    cal_r = np.concatenate([run_ort(cal_v[i : i + 256], cal_m[i : i + 256], cal_nm[i : i + 256])
-                            for i in range(0, len(cal_v), 256)])
-    cal_j = np.concatenate([np.asarray(fwd(params, cal_v[i : i + 256], cal_m[i : i + 256], cal_nm[i : i + 256]))
-                            for i in range(0, len(cal_v), 256)])
+    ck = 256 if MODE != "masked-nodes" else max(8, 256 // max_cell)  # masked-nodes: max_cell passes each
+    cal_r = np.concatenate([run_ort(cal_v[i : i + ck], cal_m[i : i + ck], cal_nm[i : i + ck])
+                            for i in range(0, len(cal_v), ck)])
+    cal_j = np.concatenate([np.asarray(fwd(params, cal_v[i : i + ck], cal_m[i : i + ck], cal_nm[i : i + ck]))
+                            for i in range(0, len(cal_v), ck)])
     cal_real = cal_nm[:, None, :, None] > 0
     cal_diff = float(np.max(np.abs(np.where(cal_real, cal_r - cal_j, 0.0))))
     log(f"verify ORT vs JAX on {len(cal_v)} calibration windows: max abs diff {cal_diff:.3g}")
@@ -924,6 +993,23 @@ def main() -> int:
                      f"entries of the first {WINDOW - SCORED} steps hidden by {args.drop:.0%} random extra "
                      "missingness; random windows, random node subsets (1..cell size) padded to the batch maximum")
         arch_in = ""
+    elif MODE == "masked-nodes":
+        source = (f"its own first {WINDOW - SCORED} steps and from the other nodes' readings (all steps, "
+                  "including the scored ones)" if SCORED < WINDOW
+                  else "the other nodes' readings only (its own readings are hidden on the whole window)")
+        hiding = ("inside the graph the window is run as one pass per node (nodes passes, a dynamic count) "
+                  "stacked on the batch axis; pass p zeroes mask and values of node p (all channels) on the "
+                  "last scored_steps steps, the other nodes stay fully visible, and reconstruction[:, :, p, :] "
+                  f"is pass p's output for node p, so every node is predicted on the scored steps from {source} "
+                  "of the cell (a 1-node cell: a forecast from its own earlier steps)")
+        loss_desc = (f"MSE on the hidden entries (one random real node per window hidden on the last {SCORED} "
+                     f"steps, all channels: one pass of the graph) + {args.aux_weight} x MSE on the other "
+                     f"entries hidden by {args.drop:.0%} random extra missingness; random windows, random node "
+                     "subsets (1..cell size) padded to the batch maximum")
+        arch_in = ("masked-nodes: one pass per node (batch x nodes; [N,N] identity from EyeLike on the dynamic "
+                   "node count) with per-pass input masks (Unsqueeze + Mul + Reshape to [batch*nodes, ...]), "
+                   "node p taken from pass p after the head (Reshape, Mul by the one-hot, ReduceSum over "
+                   "passes); ")
     else:
         source = (f"its own first {WINDOW - SCORED} steps and from all other channels" if SCORED < WINDOW
                   else "all other channels only (its own readings are hidden on the whole window)")
@@ -937,6 +1023,8 @@ def main() -> int:
                      "size) padded to the batch maximum")
         arch_in = (f"masked-channels: {F} passes (batch x {F}) with per-pass input masks, merged per channel "
                    "after the head (Split + Mul + Sum); ")
+    if args.whole_cell_frac > 0:
+        loss_desc += f"; {args.whole_cell_frac:.0%} of the windows take the whole cell instead of a random subset"
     cal_err = "forecast" if MODE == "forecast" else "prediction"
     normalisation_desc = (
         "values = (x - channels[c].mean) / channels[c].std, 0 where unobserved (mask 0); padded nodes "
@@ -1033,7 +1121,7 @@ def main() -> int:
     # keeps its exact layout)
     if MODE != "forecast":
         contract["architecture"]["mode"] = MODE
-        contract["architecture"]["passes"] = F
+        contract["architecture"]["passes"] = "nodes" if MODE == "masked-nodes" else F
         contract["training"]["mode"] = MODE
     if args.calibration_cells is not None:
         contract["training"]["calibration_cells"] = args.calibration_cells
