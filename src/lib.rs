@@ -8,7 +8,8 @@
 //! - [`registry`]: the compacted spatial-node topic → node → cell (explicit or H3).
 //! - [`assemble`]: event-time buckets, watermarks, late data → per-cell windows with masks.
 //! - [`infer`]: the model contract, ONNX Runtime sessions, batching and padding.
-//! - [`detect`]: scores, thresholds, severity, contributors, deterministic event ids.
+//! - [`detect`]: scores, thresholds (static or per-cell SPOT), severity, contributors,
+//!   incidents, deterministic event ids.
 //! - [`sink`]: anomaly events and dead letters → Kafka, acknowledged.
 //! - [`pipeline`]: wires the stages with bounded channels; drains and commits on shutdown.
 //! - [`route`]: a stage of its own, before all of these, that republishes node-keyed readings
