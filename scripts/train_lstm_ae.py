@@ -79,12 +79,6 @@ TOL = 1e-4
 # model (JAX), parameters in ONNX's LSTM layout
 
 
-def time_keep(T: int, S: int) -> np.ndarray:
-    """[T,1,1]: 0 on the last S steps (hidden from the encoder), 1 elsewhere."""
-    k = np.ones((T, 1, 1), np.float32)
-    k[T - S :] = 0.0
-    return k
-
 
 def init_params(key, F: int, H: int):
     import jax
@@ -138,20 +132,6 @@ def lstm_scan(q, xs, h0, c0):
     return ys, h, c
 
 
-def pass_keep(T: int, S: int, F: int) -> np.ndarray:
-    """Masked-channels mode: [G=F,T,1,F]; pass g hides channel g on the last S steps."""
-    k = np.ones((F, T, 1, F), np.float32)
-    for g in range(F):
-        k[g, T - S :, :, g] = 0.0
-    return k
-
-
-def pass_select(F: int) -> np.ndarray:
-    """Masked-channels mode: [G=F,1,1,F]; channel c's reconstruction comes from pass c."""
-    s = np.zeros((F, 1, 1, F), np.float32)
-    for g in range(F):
-        s[g, :, :, g] = 1.0
-    return s
 
 
 def body(p, v, m):
@@ -177,14 +157,14 @@ def make_forward(T: int, S: int, mode: str = "forecast"):
         B, _, N, F = values.shape
         m = mask * node_mask[:, None, :, None]
         if mode == "forecast":
-            m = m * jnp.asarray(time_keep(T, S))
+            m = m * jnp.asarray(tm.time_keep())
             return body(p, values * m, m)
-        keeps = pass_keep(T, S, F)
+        keeps = tm.pass_keep()
         G = keeps.shape[0]
         m = jnp.concatenate([m * jnp.asarray(keeps[g]) for g in range(G)], axis=0)  # [G*B,T,N,F]
         v = jnp.concatenate([values] * G, axis=0) * m
         y = jnp.transpose(body(p, v, m), (1, 0, 2, 3)).reshape(T, G, B, N, F)
-        y = jnp.sum(y * jnp.asarray(pass_select(F).reshape(1, G, 1, 1, F)), axis=1)  # [T,B,N,F]
+        y = jnp.sum(y * jnp.asarray(tm.pass_select().reshape(1, G, 1, 1, F)), axis=1)  # [T,B,N,F]
         return jnp.transpose(y, (1, 0, 2, 3))
 
     return forward
@@ -243,14 +223,14 @@ def build_onnx(p, T: int, S: int, F: int, producer: str, graph_name: str, mode: 
 
     # hide padded nodes and (forecast) the scored steps or (masked-channels) one channel per pass
     if mode == "forecast":
-        keep = const(time_keep(T, S), "time_keep")
+        keep = const(tm.time_keep(), "time_keep")
         nm4 = op("Unsqueeze", ["node_mask", const([1, 3], "node_mask_axes", np.int64)], prefix="node_mask4")
         m = op("Mul", [op("Mul", ["mask", keep]), nm4], prefix="mask_in")
         v = op("Mul", ["values", m], prefix="values_in")
     else:
         nm4 = op("Unsqueeze", ["node_mask", const([1, 3], "node_mask_axes", np.int64)], prefix="node_mask4")
         m = op("Mul", ["mask", nm4], prefix="mask_real")
-        keeps = pass_keep(T, S, F)
+        keeps = tm.pass_keep()
         G = keeps.shape[0]
         ms = [op("Mul", [m, const(keeps[g], f"pass{g}_keep")], prefix=f"mask_in{g}") for g in range(G)]
         m = op("Concat", ms, axis=0, prefix="mask_in")  # [G*B,T,N,F]
@@ -280,7 +260,7 @@ def build_onnx(p, T: int, S: int, F: int, producer: str, graph_name: str, mode: 
         shape = op("Concat", [const([T, G], "tg_dims", np.int64), op("Shape", ["node_mask"]),
                               const([F], "f_dim", np.int64)], axis=0, prefix="out_shape")
         y = op("Reshape", [y, shape])  # [T,G,B,N,F]
-        y = op("Mul", [y, const(pass_select(F).reshape(1, G, 1, 1, F), "pass_select")])
+        y = op("Mul", [y, const(tm.pass_select().reshape(1, G, 1, 1, F), "pass_select")])
         y = op("ReduceSum", [y, const([1], "pass_axis", np.int64)], prefix="merge_passes", keepdims=0)
     y = op("Transpose", [y], perm=[1, 0, 2, 3])
     nodes.append(helper.make_node("Identity", [y], ["reconstruction"], name="reconstruction_op"))
@@ -303,22 +283,6 @@ def build_onnx(p, T: int, S: int, F: int, producer: str, graph_name: str, mode: 
     onnx.checker.check_model(model, full_check=True)
     return model
 
-
-# ----------------------------------------------------------------------------------------
-# scoring (the Rust detector's rule; same as train_model.window_errors, with T/S explicit)
-
-
-def window_errors(recon, values, mask, node_mask, error_scale, T, S):
-    r = np.asarray(recon, np.float64)[:, T - S :]
-    v = np.asarray(values, np.float64)[:, T - S :]
-    m = np.asarray(mask, np.float64)[:, T - S :] * np.asarray(node_mask, np.float64)[:, None, :, None]
-    sq = (r - v) ** 2 * m
-    cnt = m.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        e = sq.sum(axis=1) / cnt / np.asarray(error_scale, np.float64)
-    e = np.where(cnt > 0, e, np.nan)
-    score = np.array([np.nan if np.all(np.isnan(x)) else np.nanmax(x) for x in e])
-    return e, score
 
 
 # ----------------------------------------------------------------------------------------
@@ -436,7 +400,7 @@ def main() -> int:
         if args.mode == "forecast":
             return vals, msk, nm, drop
         # masked-channels: each window trains one of the graph's passes (a random channel hidden)
-        hide = 1.0 - pass_keep(T, S, F)[rng.integers(0, F, size=Bn)]  # [B,T,1,F]
+        hide = 1.0 - tm.pass_keep()[rng.integers(0, F, size=Bn)]  # [B,T,1,F]
         return vals, msk, nm, drop, hide
 
     # ---------------- training
@@ -453,7 +417,7 @@ def main() -> int:
                                                args.lr * 0.02)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=args.weight_decay))
     opt_state = opt.init(params)
-    scored_sel = jnp.asarray((1.0 - time_keep(T, S))[None])  # [1,T,1,1]
+    scored_sel = jnp.asarray((1.0 - tm.time_keep())[None])  # [1,T,1,1]
     early_sel = 1.0 - scored_sel
 
     def loss_fn(p, vals, msk, nm, drop):
@@ -587,7 +551,7 @@ def main() -> int:
     sm = cal_m[:, T - S :] * cal_nm[:, None, :, None]
     sq = (cal_r[:, T - S :].astype(np.float64) - cal_v[:, T - S :]) ** 2
     error_scale = (sq * sm).sum(axis=(0, 1, 2)) / sm.sum(axis=(0, 1, 2))
-    _, scores = window_errors(cal_r, cal_v, cal_m, cal_nm, error_scale, T, S)
+    _, scores = tm.window_errors(cal_r, cal_v, cal_m, cal_nm, error_scale)
     scores = scores[~np.isnan(scores)]
     qs = {k: float(np.quantile(scores, float(k))) for k in ("0.5", "0.9", "0.99", "0.999")}
     qs["max"] = float(np.max(scores))
@@ -640,7 +604,7 @@ def main() -> int:
     g_opt_diff = float(np.max(np.abs(g_recon - g_plain)))
     if g_opt_diff >= TOL:
         raise SystemExit(f"golden vector: ORT optimised vs unoptimised graph differ by {g_opt_diff}")
-    g_e, g_score = window_errors(g_recon, gv, gm, gnm, error_scale, T, S)
+    g_e, g_score = tm.window_errors(g_recon, gv, gm, gnm, error_scale)
     log(f"golden: scores {np.round(g_score, 4).tolist()} (threshold {threshold:.4f}), ORT vs JAX {g_diff:.3g}, "
         f"ORT all vs no graph optimisations {g_opt_diff:.3g}")
 

@@ -183,43 +183,13 @@ fn incident(t: &Transition) -> Incident {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infer::ModelContract;
-    use crate::infer::contract::{Calibration, ChannelSpec};
     use crate::schema::Severity;
 
     /// One node, one channel, two steps of which the last is scored; threshold 2. A window
     /// whose reconstruction of the last step is `r` scores `r²`.
     fn detector() -> Detector {
-        let contract = ModelContract {
-            name: "m".into(),
-            version: "1".into(),
-            onnx_file: "m.onnx".into(),
-            onnx_sha256: "h".into(),
-            family: String::new(),
-            inputs: vec![],
-            outputs: vec![],
-            cadence_ms: 1_000,
-            window_steps: 2,
-            scored_steps: 1,
-            max_nodes: 1,
-            channels: vec![ChannelSpec {
-                name: "a".into(),
-                unit: "u".into(),
-                mean: 0.0,
-                std: 1.0,
-            }],
-            calibration: Calibration {
-                error_scale: vec![1.0],
-                threshold: 2.0,
-                score_quantiles: Default::default(),
-                windows: 0,
-                rule: String::new(),
-            },
-            scoring: String::new(),
-            architecture: serde_json::Value::Null,
-            training: serde_json::Value::Null,
-            standardisation: Default::default(),
-        };
+        let contract =
+            crate::detect::test_support::contract("1", (2, 1, 1), &["a"], vec![1.0], 2.0);
         Detector::new(&contract, &DetectConfig::default())
     }
 

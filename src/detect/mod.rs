@@ -182,34 +182,43 @@ impl Detector {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_support {
+    use crate::infer::ModelContract;
     use crate::infer::contract::{Calibration, ChannelSpec};
-    use std::sync::Arc;
 
-    fn contract() -> ModelContract {
-        let channel = |name: &str| ChannelSpec {
-            name: name.into(),
-            unit: "u".into(),
-            mean: 0.0,
-            std: 1.0,
-        };
+    /// A contract for scoring tests: model `m` of `version`, identity channel statistics,
+    /// the given window geometry, channels, error scales and threshold.
+    pub fn contract(
+        version: &str,
+        (window_steps, scored_steps, max_nodes): (usize, usize, usize),
+        channels: &[&str],
+        error_scale: Vec<f64>,
+        threshold: f64,
+    ) -> ModelContract {
         ModelContract {
             name: "m".into(),
-            version: "3".into(),
+            version: version.into(),
             onnx_file: "m.onnx".into(),
             onnx_sha256: "abc".into(),
             family: String::new(),
             inputs: vec![],
             outputs: vec![],
             cadence_ms: 1_000,
-            window_steps: 3,
-            scored_steps: 2,
-            max_nodes: 4,
-            channels: vec![channel("a"), channel("b")],
+            window_steps,
+            scored_steps,
+            max_nodes,
+            channels: channels
+                .iter()
+                .map(|name| ChannelSpec {
+                    name: (*name).into(),
+                    unit: "u".into(),
+                    mean: 0.0,
+                    std: 1.0,
+                })
+                .collect(),
             calibration: Calibration {
-                error_scale: vec![1.0, 4.0],
-                threshold: 2.0,
+                error_scale,
+                threshold,
                 score_quantiles: Default::default(),
                 windows: 0,
                 rule: String::new(),
@@ -219,6 +228,16 @@ mod tests {
             training: serde_json::Value::Null,
             standardisation: Default::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn contract() -> ModelContract {
+        test_support::contract("3", (3, 2, 4), &["a", "b"], vec![1.0, 4.0], 2.0)
     }
 
     /// Two nodes, two channels, three steps; everything observed except node 1 channel b.

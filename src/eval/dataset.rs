@@ -151,7 +151,8 @@ fn parse_value(field: &str) -> f64 {
 }
 
 fn parse_label(field: &str) -> bool {
-    parse_value(field).is_finite() && parse_value(field) != 0.0
+    let value = parse_value(field);
+    value.is_finite() && value != 0.0
 }
 
 /// What one column of a readings file is.

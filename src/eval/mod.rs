@@ -265,9 +265,8 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                 let recon = model.run(chunk)?;
                 for (w, r) in chunk.iter().zip(&recon) {
                     let cell = cells.entry(Arc::clone(&w.cell)).or_default();
-                    let score = detector.score(w, r);
                     if w.end_ms <= fit_end_ms {
-                        cell.fit_scores.push(score.score);
+                        cell.fit_scores.push(detector.score(w, r).score);
                         continue;
                     }
                     if cell.judge.is_none() {
