@@ -291,13 +291,20 @@ async fn wait_for(bootstrap: &str, want: &BTreeSet<String>, timeout: Duration) -
 }
 
 /// The checker's verdict: every expected event, nothing else, duplicates byte-identical.
-fn check(scenario: &str, found: &Found, want: &BTreeMap<String, AnomalyEvent>) {
+fn check(scenario: &str, dir: &Path, found: &Found, want: &BTreeMap<String, AnomalyEvent>) {
     let missing = found.missing(want.keys());
     let lost = missing.len();
+    let acknowledged = acknowledgements(dir);
     for id in missing.iter().take(20) {
         let e = &want[*id];
+        // Whether some instance had the event acknowledged tells a broker that lost an
+        // acknowledged write from a window that was never published.
+        let acks = acknowledged.get(id.as_str()).map_or_else(
+            || "never acknowledged".to_owned(),
+            |acks| format!("acknowledged {}", acks.join("; ")),
+        );
         println!(
-            "missing: cell {} window [{}, {}) severity {:?} score {} threshold {}",
+            "missing: cell {} window [{}, {}) severity {:?} score {} threshold {}: {acks}",
             e.cell_id, e.window_start_ms, e.window_end_ms, e.severity, e.score, e.threshold
         );
     }
@@ -341,6 +348,38 @@ fn check(scenario: &str, found: &Found, want: &BTreeMap<String, AnomalyEvent>) {
         found.differing, 0,
         "{scenario}: a duplicate differs from its first copy"
     );
+}
+
+/// Per event id, where the instances' logs (`*.log` in `dir`, gridwatch's debug lines) say it
+/// was acknowledged: `instance partition=P offset=O`.
+fn acknowledgements(dir: &Path) -> HashMap<String, Vec<String>> {
+    let mut acks: HashMap<String, Vec<String>> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return acks;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "log") {
+            continue;
+        }
+        let name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("Event acknowledged.")) {
+            let field = |key: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .unwrap_or("?")
+                    .to_owned()
+            };
+            let id = field("event_id=");
+            acks.entry(id).or_default().push(format!(
+                "{name} partition={} offset={}",
+                field("partition="),
+                field("offset=")
+            ));
+        }
+    }
+    acks
 }
 
 fn assert_dead_letter_topic_empty(bootstrap: &str) {
@@ -409,7 +448,7 @@ async fn kill_9_mid_stream_loses_nothing() {
     );
     let _ = found;
     let found = Found::read(&bootstrap);
-    check("kill -9 x5", &found, &want);
+    check("kill -9 x5", &dir, &found, &want);
     assert_dead_letter_topic_empty(&bootstrap);
 }
 
@@ -463,7 +502,7 @@ async fn a_rebalance_storm_loses_nothing() {
         instances[3].log_tail(30)
     );
     let found = Found::read(&bootstrap);
-    check("rebalance storm", &found, &want);
+    check("rebalance storm", &dir, &found, &want);
     assert_dead_letter_topic_empty(&bootstrap);
 }
 
@@ -511,7 +550,7 @@ async fn a_broker_restart_loses_nothing() {
         instance.log_tail(30)
     );
     let found = Found::read(&bootstrap);
-    check("broker restart", &found, &want);
+    check("broker restart", &dir, &found, &want);
     assert_dead_letter_topic_empty(&bootstrap);
     assert_eq!(ready, Some(503), "/readyz while the broker was away");
 }
