@@ -26,12 +26,15 @@
 //!   that stopped at a hold replays enough history to emit the held window again. Together
 //!   they are what an offset commit must not pass.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use dashmap::DashMap;
 
 use crate::schema::Reading;
+
+mod history;
+use history::History;
 
 /// Where a reading came from: the partition and offset of its Kafka message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -126,39 +129,6 @@ pub struct Closed {
     pub warmup: usize,
 }
 
-#[derive(Debug, Default)]
-struct Step {
-    /// Sum of values, `[N × F]`, grown as nodes join.
-    sum: Vec<f32>,
-    count: Vec<u16>,
-    /// Least offset per partition among this step's readings.
-    low: Vec<(i32, i64)>,
-}
-
-impl Step {
-    /// An empty step sized for `entries` (nodes × channels) without slack.
-    fn with_entries(entries: usize) -> Self {
-        Self {
-            sum: Vec::with_capacity(entries),
-            count: Vec::with_capacity(entries),
-            low: Vec::with_capacity(1),
-        }
-    }
-
-    fn add(&mut self, index: usize, value: f32, at: Provenance) {
-        if self.sum.len() <= index {
-            let grow = index + 1 - self.sum.len();
-            self.sum.reserve_exact(grow);
-            self.count.reserve_exact(grow);
-            self.sum.resize(index + 1, 0.0);
-            self.count.resize(index + 1, 0);
-        }
-        self.sum[index] += value;
-        self.count[index] = self.count[index].saturating_add(1);
-        merge_low(&mut self.low, at.partition, at.offset);
-    }
-}
-
 fn merge_low(low: &mut Vec<(i32, i64)>, partition: i32, offset: i64) {
     match low.iter_mut().find(|(p, _)| *p == partition) {
         Some((_, o)) => *o = (*o).min(offset),
@@ -172,12 +142,12 @@ struct CellState {
     slots: HashMap<Arc<str>, usize>,
     /// Per slot, the (sequence, event time) of the newest numbered reading accepted.
     latest: Vec<Option<(i64, i64)>>,
-    /// Step index of `steps[0]`.
+    /// Step index of the first step of `history`.
     base_step: i64,
-    steps: VecDeque<Step>,
+    history: History,
     /// Every step below this is closed.
     closed_before: i64,
-    /// Partitions that have fed this cell.
+    /// Partitions that have fed this cell, in the order of `history`'s partition slots.
     partitions: Vec<i32>,
     last_data_step: i64,
     /// Earliest step of any reading this instance accepted for the cell.
@@ -262,7 +232,7 @@ impl Assembler {
                 slots: HashMap::new(),
                 latest: Vec::new(),
                 base_step: step,
-                steps: VecDeque::new(),
+                history: History::default(),
                 closed_before: partition_closed,
                 partitions: Vec::new(),
                 last_data_step: i64::MIN,
@@ -298,6 +268,7 @@ impl Assembler {
         if features.is_empty() {
             return Admission::NoModelChannel;
         }
+        let width = self.spec.features();
         let slot = match state.slots.get(node) {
             Some(&slot) => slot,
             None if state.nodes.len() >= self.spec.max_nodes => return Admission::CellFull,
@@ -306,24 +277,38 @@ impl Assembler {
                 state.nodes.push(Arc::clone(node));
                 state.slots.insert(Arc::clone(node), slot);
                 state.latest.push(None);
+                let entries = state.nodes.len() * width;
+                state.history.widen(entries);
                 slot
             }
         };
-        if state.steps.is_empty() {
+        let new_partition = !state.partitions.contains(&at.partition);
+        if new_partition {
+            state.partitions.push(at.partition);
+            state.history.add_partition();
+        }
+        let partition_slot = state
+            .partitions
+            .iter()
+            .position(|&p| p == at.partition)
+            .expect("pushed above");
+        if state.history.is_empty() {
             state.base_step = step;
         }
-        let entries = state.nodes.len() * self.spec.features();
-        while step < state.base_step {
-            state.steps.push_front(Step::with_entries(entries));
-            state.base_step -= 1;
+        if step < state.base_step {
+            let before = (state.base_step - step) as usize;
+            state.history.extend_front(before);
+            state.base_step = step;
         }
         let index = (step - state.base_step) as usize;
-        while state.steps.len() <= index {
-            state.steps.push_back(Step::with_entries(entries));
+        if index >= state.history.len() {
+            let more = index + 1 - state.history.len();
+            state.history.extend_back(more);
         }
-        let width = self.spec.features();
         for (f, value) in features {
-            state.steps[index].add(slot * width + f, value, at);
+            state
+                .history
+                .add(index, slot * width + f, value, partition_slot, at.offset);
         }
         state.last_data_step = state.last_data_step.max(step);
         state.first_data_step = state.first_data_step.min(step);
@@ -333,8 +318,7 @@ impl Assembler {
             });
             state.latest[slot] = Some(newest);
         }
-        if !state.partitions.contains(&at.partition) {
-            state.partitions.push(at.partition);
+        if new_partition {
             drop(state);
             self.cells_of_partition
                 .entry(at.partition)
@@ -398,7 +382,8 @@ impl Assembler {
                 result.sparse += r.sparse;
                 result.warmup += r.warmup;
             }
-            if state.steps.is_empty() && target.saturating_sub(state.last_data_step) > idle_steps {
+            if state.history.is_empty() && target.saturating_sub(state.last_data_step) > idle_steps
+            {
                 idle.push(cell);
             }
         }
@@ -443,9 +428,9 @@ impl Assembler {
     pub fn low_water(&self) -> HashMap<i32, i64> {
         let mut low = HashMap::new();
         for cell in self.cells.iter() {
-            for step in &cell.steps {
-                for &(p, o) in &step.low {
-                    low.entry(p)
+            for step in 0..cell.history.len() {
+                for (slot, o) in cell.history.lows(step) {
+                    low.entry(cell.partitions[slot])
                         .and_modify(|m: &mut i64| *m = (*m).min(o))
                         .or_insert(o);
                 }
@@ -454,19 +439,14 @@ impl Assembler {
         low
     }
 
-    /// Bytes of window state held (every kept step: its struct, sums, counts and offsets), and
-    /// the bytes of the raw `[steps × N × F]` f32 tensor it represents.
+    /// Bytes of window state held (every cell's history: its buffers, used or not, and their
+    /// headers), and the bytes of the raw `[steps × N × F]` f32 tensor it represents.
     pub fn memory(&self) -> (usize, usize) {
         let mut held = 0;
         let mut raw = 0;
         for cell in self.cells.iter() {
-            for step in &cell.steps {
-                held += std::mem::size_of::<Step>()
-                    + step.sum.capacity() * 4
-                    + step.count.capacity() * 2
-                    + step.low.capacity() * 16;
-            }
-            raw += cell.steps.len() * cell.nodes.len() * self.spec.features() * 4;
+            held += size_of::<History>() + cell.history.bytes();
+            raw += cell.history.len() * cell.nodes.len() * self.spec.features() * 4;
         }
         (held, raw)
     }
@@ -516,11 +496,11 @@ fn close(
     // offsets these steps hold then sees the next window's history whole and emits it.
     let next_end = (target.div_euclid(hop) + 1) * hop;
     let keep_from = next_end - t - margin;
-    while state.base_step < keep_from && !state.steps.is_empty() {
-        state.steps.pop_front();
+    while state.base_step < keep_from && !state.history.is_empty() {
+        state.history.pop_front();
         state.base_step += 1;
     }
-    if state.steps.is_empty() {
+    if state.history.is_empty() {
         state.base_step = keep_from.max(state.base_step);
     }
     result
@@ -549,30 +529,24 @@ fn build(spec: &AssembleSpec, cell: &Arc<str>, state: &CellState, end: i64) -> O
     // A restart must replay the margin before the window too, or the warm-up rule would keep
     // the window from being emitted again.
     let margin = warmup_margin(spec);
-    let first_held = (start - margin - state.base_step).max(0) as usize;
-    let last = (end - state.base_step).max(0) as usize;
-    for step in state
-        .steps
-        .range(first_held.min(state.steps.len())..last.min(state.steps.len()))
-    {
-        for &(p, o) in &step.low {
-            merge_low(&mut holds, p, o);
+    let held = state.history.len();
+    let first_held = ((start - margin - state.base_step).max(0) as usize).min(held);
+    let last = ((end - state.base_step).max(0) as usize).min(held);
+    for step in first_held..last {
+        for (slot, o) in state.history.lows(step) {
+            merge_low(&mut holds, state.partitions[slot], o);
         }
     }
     for ti in 0..t {
-        let step_index = start + ti as i64 - state.base_step;
-        if step_index < 0 {
+        let step = start + ti as i64 - state.base_step;
+        if step < 0 || step as usize >= held {
             continue;
         }
-        let Some(step) = state.steps.get(step_index as usize) else {
-            continue;
-        };
         for (to, &from) in order.iter().enumerate() {
-            let entries = step.sum.iter().zip(&step.count).skip(from * f).take(f);
-            for (k, (&sum, &count)) in entries.enumerate() {
-                if count > 0 {
+            for k in 0..f {
+                if let Some(mean) = state.history.mean(step as usize, from * f + k) {
                     let i = ti * n * f + to * f + k;
-                    values[i] = sum / f32::from(count);
+                    values[i] = mean;
                     mask[i] = 1.0;
                     observed += 1;
                 }

@@ -362,7 +362,11 @@ fn acknowledgements(dir: &Path) -> HashMap<String, Vec<String>> {
         if path.extension().is_none_or(|e| e != "log") {
             continue;
         }
-        let name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let name = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         for line in text.lines().filter(|l| l.contains("Event acknowledged.")) {
             let field = |key: &str| {

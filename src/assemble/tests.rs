@@ -535,3 +535,34 @@ fn replayed_numbered_readings_are_duplicates_and_change_nothing() {
         Admission::Accepted { .. }
     ));
 }
+
+#[test]
+fn window_state_stays_within_one_and_a_half_times_the_raw_tensor() {
+    // A plant-sized cell: 8 nodes × 4 channels, 32-step windows cut every step.
+    let channels: Vec<String> = ["vibration", "temperature", "pressure", "current"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let mut feed = Feed::new(AssembleSpec {
+        window_steps: 32,
+        hop_steps: 1,
+        channels: channels.clone(),
+        max_nodes: 8,
+        ..spec(0)
+    });
+    for s in 0..200 {
+        for node in 0..8 {
+            let values: Vec<(&str, f64)> =
+                channels.iter().map(|c| (c.as_str(), s as f64)).collect();
+            feed.add(reading(&format!("n{node}"), s * 1_000, &values));
+        }
+    }
+    assert!(!feed.windows.is_empty());
+    let (held, raw) = feed.assembler.memory();
+    assert!(raw > 0);
+    assert!(
+        held as f64 <= 1.5 * raw as f64,
+        "{held} bytes held for {raw} bytes of tensor ({:.2}x)",
+        held as f64 / raw as f64
+    );
+}
