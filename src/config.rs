@@ -325,6 +325,11 @@ pub struct DetectConfig {
     /// Normal window scores a cell collects before its SPOT threshold is fitted.
     pub spot_init_windows: usize,
     pub spot: SpotConfig,
+    /// Steps over which a node/channel reading exactly one value, every step observed, makes
+    /// the window anomalous whatever its score (a stuck sensor: the model forecasts a flat
+    /// value well when flat is plausible). 0 (default): off. At least 2, and at most the
+    /// model's window length.
+    pub flatline_steps: usize,
     /// Present: consecutive anomalous windows of a cell form one incident, and only its OPEN,
     /// UPDATE and CLOSE are published (events carry `incident`). Absent (default): one event
     /// per anomalous window, `incident` null.
@@ -340,6 +345,7 @@ impl Default for DetectConfig {
             threshold_policy: ThresholdPolicy::Static,
             spot_init_windows: 1_000,
             spot: SpotConfig::default(),
+            flatline_steps: 0,
             incidents: None,
         }
     }
@@ -594,6 +600,12 @@ impl Config {
                 crate::detect::spot::MIN_CALIBRATION + self.detect.spot.depth
             ));
         }
+        if self.detect.flatline_steps == 1 {
+            return invalid(
+                "[detect] flatline_steps is 1: one step always holds one value; use 0 (off) or at least 2"
+                    .into(),
+            );
+        }
         if let Some(Err(e)) = self.detect.incidents.as_ref().map(|i| i.validate()) {
             return invalid(format!("[detect.incidents] {e}"));
         }
@@ -782,6 +794,9 @@ mod tests {
         let f = file("[route]\noutput_topic = \"raw-readings\"\n");
         let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
         assert!(message.contains("loop"), "{message}");
+        let f = file("[detect]\nflatline_steps = 1\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("at least 2"), "{message}");
     }
 
     #[test]

@@ -395,6 +395,7 @@ mod tests {
             missing_fraction: 0.0,
             node_count: 1,
             incident: None,
+            flatlined: Vec::new(),
         }
     }
 

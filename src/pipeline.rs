@@ -102,6 +102,14 @@ pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
             config.model.contract.display()
         );
     }
+    if config.detect.flatline_steps > contract.window_steps {
+        anyhow::bail!(
+            "[detect] flatline_steps is {}: longer than the windows of {} ({} steps)",
+            config.detect.flatline_steps,
+            config.model.contract.display(),
+            contract.window_steps
+        );
+    }
     let spec = AssembleSpec {
         cadence_ms: contract.cadence_ms,
         window_steps: contract.window_steps,

@@ -89,6 +89,11 @@ pub fn event_json(e: &AnomalyEvent) -> String {
             "windows": i.windows,
             "peak_score": i.peak_score,
         })),
+        "flatlined": e.flatlined.iter().map(|f| serde_json::json!({
+            "node_id": f.node_id,
+            "channel": f.channel,
+            "value": f.value,
+        })).collect::<Vec<_>>(),
     })
     .to_string()
 }
@@ -175,6 +180,7 @@ mod tests {
             missing_fraction: 0.0,
             node_count: 1,
             incident: None,
+            flatlined: Vec::new(),
         }
     }
 

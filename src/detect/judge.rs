@@ -98,9 +98,12 @@ impl Judge {
         let (threshold, anomalous) = match self.config.threshold_policy {
             ThresholdPolicy::Static => {
                 let t = self.detector.threshold();
-                (t, severity(score.score, t).is_some())
+                (t, Detector::is_anomalous(&score, t))
             }
-            ThresholdPolicy::Spot => self.spot_step(&window.cell, score.score),
+            ThresholdPolicy::Spot => {
+                let (t, above) = self.spot_step(&window.cell, score.score);
+                (t, above || !score.flat.is_empty())
+            }
         };
         let mut event = anomalous.then(|| self.detector.event(window, &score, threshold));
         if let Some(tracker) = self.incidents.as_mut() {

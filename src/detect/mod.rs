@@ -6,6 +6,9 @@
 //!   `(reconstruction − normalised value)² / error_scale[c]`, normalised with the contract's
 //!   channel statistics; entries never observed there are left out;
 //!   the window's score is the largest `e[n,c]`. A window with no observed scored entry scores 0.
+//! - With `[detect] flatline_steps` = k > 0, a node/channel observed at each of the window's last
+//!   k steps with bit-identical values is *flatlined*; a window with one is anomalous whatever
+//!   its score, and its event lists them. Like the score, this is a function of the window only.
 //! - An event is emitted iff `score ≥ threshold`. Its id is a function of (model name, model
 //!   version, cell, window end) only, and every other field is a function of the window and the
 //!   model, so scoring the same window again yields a byte-identical event.
@@ -19,7 +22,7 @@ pub use judge::{Judge, Judgement};
 use crate::assemble::Window;
 use crate::config::DetectConfig;
 use crate::infer::ModelContract;
-use crate::schema::{AnomalyEvent, Contributor, Severity};
+use crate::schema::{AnomalyEvent, Contributor, Flatline, Severity};
 
 /// Namespace of event ids (UUIDv5).
 const EVENT_NAMESPACE: uuid::Uuid = uuid::uuid!("6c1e8a52-3f7b-5d2e-9a41-0b7e5c3d2f10");
@@ -48,6 +51,8 @@ pub struct Score {
     pub score: f64,
     /// `(node slot, channel, e[n,c])` for every entry observed in the scored steps.
     pub entries: Vec<(usize, usize, f64)>,
+    /// `(node slot, channel, value)` of every flatlined entry.
+    pub flat: Vec<(usize, usize, f32)>,
 }
 
 /// Scores windows and turns anomalous ones into events, for one model.
@@ -64,6 +69,8 @@ pub struct Detector {
     scored_steps: usize,
     threshold: f64,
     top_contributors: usize,
+    /// 0: no flatline check.
+    flatline_steps: usize,
 }
 
 impl Detector {
@@ -80,6 +87,7 @@ impl Detector {
             threshold: config.threshold.unwrap_or(contract.calibration.threshold)
                 * config.threshold_scale,
             top_contributors: config.top_contributors,
+            flatline_steps: config.flatline_steps.min(contract.window_steps),
         }
     }
 
@@ -126,13 +134,23 @@ impl Detector {
             .map(|i| (i / f, i % f, sums[i] / f64::from(counts[i])))
             .collect();
         let score = entries.iter().map(|e| e.2).fold(0.0, f64::max);
-        Score { score, entries }
+        let flat = flatlined(window, f, self.flatline_steps);
+        Score {
+            score,
+            entries,
+            flat,
+        }
+    }
+
+    /// Whether `score` makes its window anomalous against `threshold`.
+    pub fn is_anomalous(score: &Score, threshold: f64) -> bool {
+        severity(score.score, threshold).is_some() || !score.flat.is_empty()
     }
 
     /// The event for `window`, if its score reaches the threshold.
     pub fn detect(&self, window: &Window, reconstruction: &[f32]) -> (Score, Option<AnomalyEvent>) {
         let score = self.score(window, reconstruction);
-        if severity(score.score, self.threshold).is_none() {
+        if !Self::is_anomalous(&score, self.threshold) {
             return (score, None);
         }
         let event = self.event(window, &score, self.threshold);
@@ -177,8 +195,42 @@ impl Detector {
             missing_fraction: window.missing_fraction,
             node_count: window.node_count() as i32,
             incident: None,
+            flatlined: score
+                .flat
+                .iter()
+                .map(|&(node, channel, value)| Flatline {
+                    node_id: window.nodes[node].to_string(),
+                    channel: self.channels[channel].clone(),
+                    value: f64::from(value),
+                })
+                .collect(),
         }
     }
+}
+
+/// `(node slot, channel, value)` of every entry of `window` (with `features` channels) observed
+/// at each of its last `steps` steps with one bit-identical value; none when `steps` < 2.
+fn flatlined(window: &Window, features: usize, steps: usize) -> Vec<(usize, usize, f32)> {
+    let n = window.node_count();
+    let t = if n * features == 0 {
+        0
+    } else {
+        window.values.len() / (n * features)
+    };
+    if steps < 2 || steps > t {
+        return Vec::new();
+    }
+    let at = |step: usize, i: usize| step * n * features + i;
+    (0..n * features)
+        .filter(|&i| {
+            let first = window.values[at(t - steps, i)];
+            (t - steps..t).all(|step| {
+                window.mask[at(step, i)] > 0.0
+                    && window.values[at(step, i)].to_bits() == first.to_bits()
+            })
+        })
+        .map(|i| (i / features, i % features, window.values[at(t - 1, i)]))
+        .collect()
 }
 
 #[cfg(test)]
@@ -323,5 +375,47 @@ mod tests {
         assert_eq!(severity(3.0, 1.0), Some(Severity::Medium));
         assert_eq!(severity(5.0, 1.0), Some(Severity::High));
         assert_eq!(severity(80.0, 1.0), Some(Severity::Critical));
+    }
+
+    #[test]
+    fn flatlines_need_every_checked_step_observed_and_bit_identical() {
+        let config = DetectConfig {
+            flatline_steps: 2,
+            ..DetectConfig::default()
+        };
+        let detector = Detector::new(&contract(), &config);
+        let (n, f) = (2, 2);
+        let mut w = window();
+        // Every entry but node 1 channel b (never observed) varies between steps 1 and 2...
+        for (i, v) in w.values.iter_mut().enumerate() {
+            *v = i as f32;
+        }
+        // ...except node 0 channel b, stuck at 7.5 from step 1 on (step 0 differs: not checked).
+        for ti in 1..3 {
+            w.values[ti * n * f + 1] = 7.5;
+        }
+        let recon = vec![0.0f32; 12];
+        let s = detector.score(&w, &recon);
+        assert_eq!(s.flat, vec![(0, 1, 7.5)]);
+        // A perfect reconstruction scores 0: the flatline alone makes the window anomalous.
+        let (score, event) = detector.detect(&w, &w.values);
+        assert_eq!(score.score, 0.0);
+        let event = event.expect("a flatlined window is anomalous");
+        assert_eq!(event.severity, Severity::Low);
+        assert_eq!(event.flatlined.len(), 1);
+        assert_eq!(
+            (
+                event.flatlined[0].node_id.as_str(),
+                event.flatlined[0].channel.as_str()
+            ),
+            ("n0", "b")
+        );
+        // One unobserved step in the checked ones: not a flatline.
+        w.mask[2 * n * f + 1] = 0.0;
+        assert!(detector.score(&w, &recon).flat.is_empty());
+        // Off by default.
+        let off = Detector::new(&contract(), &DetectConfig::default());
+        w.mask[2 * n * f + 1] = 1.0;
+        assert!(off.score(&w, &recon).flat.is_empty());
     }
 }

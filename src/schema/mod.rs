@@ -20,8 +20,8 @@ pub mod fast;
 pub mod records;
 
 pub use records::{
-    AnomalyEvent, Channel, Contributor, Incident, IncidentStatus, Reading, Severity, ShapeError,
-    SpatialNode,
+    AnomalyEvent, Channel, Contributor, Flatline, Incident, IncidentStatus, Reading, Severity,
+    ShapeError, SpatialNode,
 };
 
 /// Largest allocation a single Avro length prefix may ask for; a hostile payload claiming a
@@ -360,7 +360,7 @@ mod tests {
     }
 
     #[test]
-    fn events_round_trip_with_and_without_an_incident() {
+    fn events_round_trip_with_and_without_an_incident_or_flatlines() {
         let codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
         let mut event = AnomalyEvent {
             event_id: "e".into(),
@@ -383,6 +383,7 @@ mod tests {
             missing_fraction: 0.0,
             node_count: 1,
             incident: None,
+            flatlined: Vec::new(),
         };
         for incident in [
             None,
@@ -399,6 +400,14 @@ mod tests {
             let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
             assert_eq!(back, event);
         }
+        event.flatlined = vec![Flatline {
+            node_id: "n".into(),
+            channel: "current".into(),
+            value: 3.25,
+        }];
+        let bytes = codec.encode(&event.to_value()).unwrap();
+        let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
+        assert_eq!(back, event);
     }
 
     #[test]

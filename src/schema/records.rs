@@ -98,6 +98,16 @@ pub struct AnomalyEvent {
     pub node_count: i32,
     /// The incident the window belongs to, when incidents are enabled.
     pub incident: Option<Incident>,
+    /// Node/channel pairs stuck on one value over the flatline check's steps.
+    pub flatlined: Vec<Flatline>,
+}
+
+/// A node/channel pair that read exactly one value over the flatline check's last steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flatline {
+    pub node_id: String,
+    pub channel: String,
+    pub value: f64,
 }
 
 /// Where an event stands in its cell's incident.
@@ -439,6 +449,21 @@ impl AnomalyEvent {
                     ])
                 }),
             ),
+            (
+                "flatlined".into(),
+                Value::Array(
+                    self.flatlined
+                        .iter()
+                        .map(|f| {
+                            Value::Record(vec![
+                                ("node_id".into(), Value::String(f.node_id.clone())),
+                                ("channel".into(), Value::String(f.channel.clone())),
+                                ("value".into(), Value::Double(f.value)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
         ])
     }
 
@@ -503,6 +528,22 @@ impl AnomalyEvent {
                             .ok_or(shape("peak_score", "a double"))?,
                     })
                 }
+            },
+            // Absent in events written before the flatline check existed.
+            flatlined: match fields.get("flatlined") {
+                Err(_) => Vec::new(),
+                Ok(_) => fields
+                    .array("flatlined")?
+                    .iter()
+                    .map(|f| {
+                        let f = Fields::of(f, "flatlined")?;
+                        Ok(Flatline {
+                            node_id: f.string("node_id")?,
+                            channel: f.string("channel")?,
+                            value: f.opt_double("value")?.ok_or(shape("value", "a double"))?,
+                        })
+                    })
+                    .collect::<Result<_, ShapeError>>()?,
             },
         })
     }
