@@ -476,6 +476,7 @@ fn close(
         // Skip straight past empty history after a long gap.
         (state.base_step.div_euclid(hop) + 1) * hop,
     );
+    state.history.make_contiguous();
     while end <= last_useful {
         if end - t < first_full_step {
             result.warmup += 1;
@@ -542,9 +543,13 @@ fn build(spec: &AssembleSpec, cell: &Arc<str>, state: &CellState, end: i64) -> O
         if step < 0 || step as usize >= held {
             continue;
         }
+        let (means, counts) = state.history.row(step as usize);
         for (to, &from) in order.iter().enumerate() {
-            for k in 0..f {
-                if let Some(mean) = state.history.mean(step as usize, from * f + k) {
+            let entries = means[from * f..(from + 1) * f]
+                .iter()
+                .zip(&counts[from * f..(from + 1) * f]);
+            for (k, (&mean, &count)) in entries.enumerate() {
+                if count > 0 {
                     let i = ti * n * f + to * f + k;
                     values[i] = mean;
                     mask[i] = 1.0;

@@ -60,13 +60,10 @@ impl History {
     /// Appends `n` empty steps.
     pub(super) fn extend_back(&mut self, n: usize) {
         self.reserve(n);
-        for _ in 0..n * self.width {
-            self.means.push_back(0.0);
-            self.counts.push_back(0);
-        }
-        for _ in 0..n * self.partitions {
-            self.lows.push_back(NO_OFFSET);
-        }
+        self.means.extend(std::iter::repeat_n(0.0, n * self.width));
+        self.counts.extend(std::iter::repeat_n(0, n * self.width));
+        self.lows
+            .extend(std::iter::repeat_n(NO_OFFSET, n * self.partitions));
         self.steps += n;
     }
 
@@ -121,9 +118,31 @@ impl History {
     }
 
     /// The mean of entry `entry` of step `step`, or `None` if it got no reading.
+    #[cfg(test)]
     pub(super) fn mean(&self, step: usize, entry: usize) -> Option<f32> {
         let i = step * self.width + entry;
         (self.counts[i] > 0).then(|| self.means[i])
+    }
+
+    /// Lays the buffers out in one piece each, so that [`History::row`] can hand out slices.
+    /// A ring that has wrapped is rotated once; until the next step is added or dropped this
+    /// costs nothing.
+    pub(super) fn make_contiguous(&mut self) {
+        self.means.make_contiguous();
+        self.counts.make_contiguous();
+        self.lows.make_contiguous();
+    }
+
+    /// Step `step`'s means and counts, entry by entry. Call [`History::make_contiguous`] first.
+    pub(super) fn row(&self, step: usize) -> (&[f32], &[u8]) {
+        let (means, rest) = self.means.as_slices();
+        let (counts, rest_counts) = self.counts.as_slices();
+        debug_assert!(
+            rest.is_empty() && rest_counts.is_empty(),
+            "make_contiguous first"
+        );
+        let entries = step * self.width..(step + 1) * self.width;
+        (&means[entries.clone()], &counts[entries])
     }
 
     /// The least offset of each partition slot's readings in step `step`.
@@ -188,6 +207,8 @@ mod tests {
         h.pop_front();
         assert_eq!(h.len(), 2);
         assert_eq!(h.mean(0, 1), Some(4.0));
+        h.make_contiguous();
+        assert_eq!(h.row(1), (&[1.5f32, 0.0, 0.0][..], &[2u8, 0, 0][..]));
         assert_eq!(h.lows(1).collect::<Vec<_>>(), vec![(0, 11)]);
     }
 
