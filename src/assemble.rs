@@ -282,16 +282,15 @@ impl Assembler {
                 slot
             }
         };
-        let new_partition = !state.partitions.contains(&at.partition);
-        if new_partition {
-            state.partitions.push(at.partition);
-            state.history.add_partition();
-        }
-        let partition_slot = state
-            .partitions
-            .iter()
-            .position(|&p| p == at.partition)
-            .expect("pushed above");
+        let (partition_slot, new_partition) =
+            match state.partitions.iter().position(|&p| p == at.partition) {
+                Some(slot) => (slot, false),
+                None => {
+                    state.partitions.push(at.partition);
+                    state.history.add_partition();
+                    (state.partitions.len() - 1, true)
+                }
+            };
         if state.history.is_empty() {
             state.base_step = step;
         }

@@ -2,7 +2,8 @@
 //!
 //! Invariants:
 //! - Under the `static` policy a window is anomalous iff its score reaches the detector's
-//!   threshold, and every anomalous window is an event: exactly what the detector alone does.
+//!   threshold or it is flatlined, and every anomalous window is an event: exactly what the
+//!   detector alone does. Under either policy a flatlined window is anomalous.
 //! - Under the `spot` policy each cell has its own streaming peaks-over-threshold threshold
 //!   ([`Spot`]). Until the cell has one — fitted on its first `spot_init_windows` scores, or by
 //!   [`Judge::calibrate`] — the model's calibrated threshold decides. SPOT's state is this
@@ -95,16 +96,15 @@ impl Judge {
     /// Scores `window`, decides whether it is anomalous, and what to publish.
     pub fn judge(&mut self, window: &Window, reconstruction: &[f32]) -> Judgement {
         let score = self.detector.score(window, reconstruction);
-        let (threshold, anomalous) = match self.config.threshold_policy {
+        let (threshold, above) = match self.config.threshold_policy {
             ThresholdPolicy::Static => {
                 let t = self.detector.threshold();
-                (t, Detector::is_anomalous(&score, t))
+                (t, severity(score.score, t).is_some())
             }
-            ThresholdPolicy::Spot => {
-                let (t, above) = self.spot_step(&window.cell, score.score);
-                (t, above || !score.flat.is_empty())
-            }
+            ThresholdPolicy::Spot => self.spot_step(&window.cell, score.score),
         };
+        // A flatline makes the window anomalous under either policy.
+        let anomalous = above || score.is_flatlined();
         let mut event = anomalous.then(|| self.detector.event(window, &score, threshold));
         if let Some(tracker) = self.incidents.as_mut() {
             let observation = event.as_ref().map(|e| Observation {

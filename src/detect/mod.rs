@@ -55,6 +55,13 @@ pub struct Score {
     pub flat: Vec<(usize, usize, f32)>,
 }
 
+impl Score {
+    /// Whether some node/channel of the window is flatlined (anomalous whatever the score).
+    pub fn is_flatlined(&self) -> bool {
+        !self.flat.is_empty()
+    }
+}
+
 /// Scores windows and turns anomalous ones into events, for one model.
 #[derive(Debug, Clone)]
 pub struct Detector {
@@ -134,7 +141,7 @@ impl Detector {
             .map(|i| (i / f, i % f, sums[i] / f64::from(counts[i])))
             .collect();
         let score = entries.iter().map(|e| e.2).fold(0.0, f64::max);
-        let flat = flatlined(window, f, self.flatline_steps);
+        let flat = self.flatlined(window);
         Score {
             score,
             entries,
@@ -142,15 +149,31 @@ impl Detector {
         }
     }
 
-    /// Whether `score` makes its window anomalous against `threshold`.
-    pub fn is_anomalous(score: &Score, threshold: f64) -> bool {
-        severity(score.score, threshold).is_some() || !score.flat.is_empty()
+    /// `(node slot, channel, value)` of every entry of `window` observed at each of its last
+    /// `flatline_steps` steps with one bit-identical value; none when the check is off (< 2).
+    fn flatlined(&self, window: &Window) -> Vec<(usize, usize, f32)> {
+        let steps = self.flatline_steps;
+        if steps < 2 {
+            return Vec::new();
+        }
+        let (t, width) = (self.window_steps, window.node_count() * self.channels.len());
+        let f = self.channels.len();
+        (0..width)
+            .filter(|&i| {
+                let first = window.values[(t - steps) * width + i];
+                (t - steps..t).all(|step| {
+                    let at = step * width + i;
+                    window.mask[at] > 0.0 && window.values[at].to_bits() == first.to_bits()
+                })
+            })
+            .map(|i| (i / f, i % f, window.values[(t - 1) * width + i]))
+            .collect()
     }
 
     /// The event for `window`, if its score reaches the threshold.
     pub fn detect(&self, window: &Window, reconstruction: &[f32]) -> (Score, Option<AnomalyEvent>) {
         let score = self.score(window, reconstruction);
-        if !Self::is_anomalous(&score, self.threshold) {
+        if severity(score.score, self.threshold).is_none() && !score.is_flatlined() {
             return (score, None);
         }
         let event = self.event(window, &score, self.threshold);
@@ -206,31 +229,6 @@ impl Detector {
                 .collect(),
         }
     }
-}
-
-/// `(node slot, channel, value)` of every entry of `window` (with `features` channels) observed
-/// at each of its last `steps` steps with one bit-identical value; none when `steps` < 2.
-fn flatlined(window: &Window, features: usize, steps: usize) -> Vec<(usize, usize, f32)> {
-    let n = window.node_count();
-    let t = if n * features == 0 {
-        0
-    } else {
-        window.values.len() / (n * features)
-    };
-    if steps < 2 || steps > t {
-        return Vec::new();
-    }
-    let at = |step: usize, i: usize| step * n * features + i;
-    (0..n * features)
-        .filter(|&i| {
-            let first = window.values[at(t - steps, i)];
-            (t - steps..t).all(|step| {
-                window.mask[at(step, i)] > 0.0
-                    && window.values[at(step, i)].to_bits() == first.to_bits()
-            })
-        })
-        .map(|i| (i / features, i % features, window.values[at(t - 1, i)]))
-        .collect()
 }
 
 #[cfg(test)]

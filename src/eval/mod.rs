@@ -317,8 +317,8 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                         }
                         // A flatlined sensor is what the event names as the cause: it ranks
                         // above the window's largest model error.
+                        let top = score.score;
                         for &(slot, _, _) in &score.flat {
-                            let top = score.score;
                             match per_node.iter_mut().find(|(n, _)| *n == w.nodes[slot]) {
                                 Some((_, m)) => *m += top,
                                 None => per_node.push((Arc::clone(&w.nodes[slot]), top)),
