@@ -52,6 +52,9 @@ pub enum InvalidReading {
     NoValues,
     #[error("channel `{channel}` has non-finite value {value}")]
     NonFinite { channel: String, value: f64 },
+    /// Finite as a double, but beyond what the model's `f32` tensors can hold.
+    #[error("channel `{channel}` has value {value}, beyond the f32 range of the model's input")]
+    OutOfRange { channel: String, value: f64 },
 }
 
 impl InvalidReading {
@@ -171,6 +174,16 @@ pub fn validate(reading: &Reading) -> Result<(), InvalidReading> {
             value: *value,
         });
     }
+    if let Some((channel, value)) = reading
+        .values
+        .iter()
+        .find(|(_, v)| v.abs() > f64::from(f32::MAX))
+    {
+        return Err(InvalidReading::OutOfRange {
+            channel: channel.clone(),
+            value: *value,
+        });
+    }
     Ok(())
 }
 
@@ -222,6 +235,15 @@ mod tests {
             validate(&decoded[1]),
             Err(InvalidReading::NonFinite { .. })
         ));
+    }
+
+    #[test]
+    fn values_beyond_f32_are_invalid() {
+        let huge = reading("a", 1_000, &[("current", -1e39)]);
+        let err = validate(&huge).unwrap_err();
+        assert!(matches!(err, InvalidReading::OutOfRange { .. }));
+        assert_eq!(err.reason(), DeadLetterReason::InvalidValue);
+        assert!(validate(&reading("a", 1_000, &[("current", f64::from(f32::MAX))])).is_ok());
     }
 
     #[test]
