@@ -492,6 +492,8 @@ fn close(
         end += hop;
     }
     state.closed_before = target;
+    let closed_steps = (target - state.base_step).max(0) as usize;
+    state.history.seal(closed_steps);
     // Keep what the next window needs, plus the warm-up margin before it: a restart from the
     // offsets these steps hold then sees the next window's history whole and emits it.
     let next_end = (target.div_euclid(hop) + 1) * hop;
@@ -542,13 +544,10 @@ fn build(spec: &AssembleSpec, cell: &Arc<str>, state: &CellState, end: i64) -> O
         if step < 0 || step as usize >= held {
             continue;
         }
-        let (means, counts) = state.history.row(step as usize);
+        let means = state.history.row(step as usize);
         for (to, &from) in order.iter().enumerate() {
-            let entries = means[from * f..(from + 1) * f]
-                .iter()
-                .zip(&counts[from * f..(from + 1) * f]);
-            for (k, (&mean, &count)) in entries.enumerate() {
-                if count > 0 {
+            for (k, &mean) in means[from * f..(from + 1) * f].iter().enumerate() {
+                if !mean.is_nan() {
                     let i = ti * n * f + to * f + k;
                     values[i] = mean;
                     mask[i] = 1.0;

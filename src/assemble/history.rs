@@ -1,10 +1,12 @@
 //! The kept steps of one cell, stored flat.
 //!
-//! Per step there are `width` entries (nodes × channels, node slots in arrival order), each a
-//! running mean of the readings it got and how many it got, and one least source offset per
-//! partition slot. Three ring buffers hold them, sized exactly: a step costs 5 bytes an entry
-//! plus 8 bytes a partition, against the 4 bytes an entry of the `f32` tensor it stands for,
-//! and nothing per step besides.
+//! Per step there are `width` entries (nodes × channels, node slots in arrival order), each the
+//! mean of the readings it got, NaN where it got none (readings are finite, so NaN is free to
+//! mean "missing"), and one least source offset per partition slot. While a step is open (the
+//! watermark has not passed it) each entry also keeps how many readings it got, to fold the next
+//! one into the mean; a closed step gets no more readings, so its counts are dropped. Ring
+//! buffers hold all of it, sized exactly: a closed step costs the 4 bytes an entry of the `f32`
+//! tensor it stands for plus 8 bytes a partition; only the few open steps cost a fifth byte.
 
 use std::collections::VecDeque;
 
@@ -15,14 +17,17 @@ const NO_OFFSET: i64 = i64::MAX;
 pub(super) struct History {
     /// Steps held.
     steps: usize,
+    /// Leading steps that are closed: they have no counts.
+    sealed: usize,
     /// Entries per step.
     width: usize,
     /// Partition slots per step.
     partitions: usize,
-    /// `[steps × width]` running means.
+    /// `[steps × width]` means, NaN where unobserved.
     means: VecDeque<f32>,
-    /// `[steps × width]` readings per entry, saturating at 255: past that the mean weighs each
-    /// new reading as 1/255, which only a sensor sending hundreds of readings per step notices.
+    /// `[(steps − sealed) × width]` readings per entry of the open steps, saturating at 255:
+    /// past that the mean weighs each new reading as 1/255, which only a sensor sending hundreds
+    /// of readings per step notices.
     counts: VecDeque<u8>,
     /// `[steps × partitions]` least offset, [`NO_OFFSET`] where the partition sent nothing.
     lows: VecDeque<i64>,
@@ -45,8 +50,8 @@ impl History {
             return;
         }
         let old = self.width;
-        self.means = relayout(&self.means, self.steps, old, width, 0.0);
-        self.counts = relayout(&self.counts, self.steps, old, width, 0);
+        self.means = relayout(&self.means, self.steps, old, width, f32::NAN);
+        self.counts = relayout(&self.counts, self.steps - self.sealed, old, width, 0);
         self.width = width;
     }
 
@@ -57,22 +62,31 @@ impl History {
         self.partitions += 1;
     }
 
-    /// Appends `n` empty steps.
+    /// Appends `n` empty open steps.
     pub(super) fn extend_back(&mut self, n: usize) {
         self.reserve(n);
-        self.means.extend(std::iter::repeat_n(0.0, n * self.width));
+        self.means
+            .extend(std::iter::repeat_n(f32::NAN, n * self.width));
         self.counts.extend(std::iter::repeat_n(0, n * self.width));
         self.lows
             .extend(std::iter::repeat_n(NO_OFFSET, n * self.partitions));
         self.steps += n;
     }
 
-    /// Prepends `n` empty steps.
+    /// Prepends `n` empty open steps. Only a history with no closed step can grow at the
+    /// front: a reading for a step before a closed one is late, and never added.
     pub(super) fn extend_front(&mut self, n: usize) {
+        debug_assert_eq!(self.sealed, 0, "open steps before a closed one");
         self.reserve(n);
         for _ in 0..n * self.width {
-            self.means.push_front(0.0);
-            self.counts.push_front(0);
+            self.means.push_front(f32::NAN);
+        }
+        if self.sealed == 0 {
+            for _ in 0..n * self.width {
+                self.counts.push_front(0);
+            }
+        } else {
+            self.sealed += n;
         }
         for _ in 0..n * self.partitions {
             self.lows.push_front(NO_OFFSET);
@@ -86,9 +100,23 @@ impl History {
             return;
         }
         self.means.drain(..self.width);
-        self.counts.drain(..self.width);
+        if self.sealed > 0 {
+            self.sealed -= 1;
+        } else {
+            self.counts.drain(..self.width);
+        }
         self.lows.drain(..self.partitions);
         self.steps -= 1;
+    }
+
+    /// Marks the first `steps` steps closed (no reading will be added to them) and drops their
+    /// counts.
+    pub(super) fn seal(&mut self, steps: usize) {
+        let steps = steps.min(self.steps);
+        if steps > self.sealed {
+            self.counts.drain(..(steps - self.sealed) * self.width);
+            self.sealed = steps;
+        }
     }
 
     /// Room for `n` more steps, without the doubling slack of ordinary growth: a cell's
@@ -109,10 +137,23 @@ impl History {
         partition: usize,
         offset: i64,
     ) {
-        let i = step * self.width + entry;
-        let count = self.counts[i].saturating_add(1);
-        self.counts[i] = count;
-        self.means[i] += (value - self.means[i]) / f32::from(count);
+        let mean = &mut self.means[step * self.width + entry];
+        let count = if step >= self.sealed {
+            let count = &mut self.counts[(step - self.sealed) * self.width + entry];
+            *count = count.saturating_add(1);
+            *count
+        } else if mean.is_nan() {
+            // A closed step gets no readings (they are late); should one come, it is folded in
+            // as if the step held at most one before it.
+            1
+        } else {
+            2
+        };
+        if count == 1 {
+            *mean = value;
+        } else {
+            *mean += (value - *mean) / f32::from(count);
+        }
         let low = &mut self.lows[step * self.partitions + partition];
         *low = (*low).min(offset);
     }
@@ -120,29 +161,23 @@ impl History {
     /// The mean of entry `entry` of step `step`, or `None` if it got no reading.
     #[cfg(test)]
     pub(super) fn mean(&self, step: usize, entry: usize) -> Option<f32> {
-        let i = step * self.width + entry;
-        (self.counts[i] > 0).then(|| self.means[i])
+        let mean = self.means[step * self.width + entry];
+        (!mean.is_nan()).then_some(mean)
     }
 
-    /// Lays the buffers out in one piece each, so that [`History::row`] can hand out slices.
-    /// A ring that has wrapped is rotated once; until the next step is added or dropped this
-    /// costs nothing.
+    /// Lays the means out in one piece, so that [`History::row`] can hand out slices. A ring
+    /// that has wrapped is rotated once; until the next step is added or dropped this costs
+    /// nothing.
     pub(super) fn make_contiguous(&mut self) {
         self.means.make_contiguous();
-        self.counts.make_contiguous();
-        self.lows.make_contiguous();
     }
 
-    /// Step `step`'s means and counts, entry by entry. Call [`History::make_contiguous`] first.
-    pub(super) fn row(&self, step: usize) -> (&[f32], &[u8]) {
+    /// Step `step`'s means, entry by entry, NaN where unobserved. Call
+    /// [`History::make_contiguous`] first.
+    pub(super) fn row(&self, step: usize) -> &[f32] {
         let (means, rest) = self.means.as_slices();
-        let (counts, rest_counts) = self.counts.as_slices();
-        debug_assert!(
-            rest.is_empty() && rest_counts.is_empty(),
-            "make_contiguous first"
-        );
-        let entries = step * self.width..(step + 1) * self.width;
-        (&means[entries.clone()], &counts[entries])
+        debug_assert!(rest.is_empty(), "make_contiguous first");
+        &means[step * self.width..(step + 1) * self.width]
     }
 
     /// The least offset of each partition slot's readings in step `step`.
@@ -208,7 +243,9 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h.mean(0, 1), Some(4.0));
         h.make_contiguous();
-        assert_eq!(h.row(1), (&[1.5f32, 0.0, 0.0][..], &[2u8, 0, 0][..]));
+        let row = h.row(1);
+        assert_eq!(row[0], 1.5);
+        assert!(row[1].is_nan() && row[2].is_nan());
         assert_eq!(h.lows(1).collect::<Vec<_>>(), vec![(0, 11)]);
     }
 
@@ -225,8 +262,67 @@ mod tests {
             }
         }
         assert_eq!(h.len(), 40);
-        // 40 steps × (32 × 5 + 8) bytes, allowing for the allocator rounding up.
+        // 40 steps × (32 × 5 + 8) bytes, none of them closed yet, allowing for the allocator
+        // rounding up.
         let exact = 40 * (32 * 5 + 8);
+        assert!(
+            h.bytes() <= exact + exact / 10,
+            "{} bytes for {exact}",
+            h.bytes()
+        );
+    }
+
+    #[test]
+    fn closed_steps_keep_means_but_drop_counts() {
+        let mut h = History::default();
+        h.widen(2);
+        h.add_partition();
+        h.extend_back(3);
+        h.add(0, 0, 1.0, 0, 1);
+        h.add(0, 0, 3.0, 0, 2);
+        h.add(2, 1, 5.0, 0, 3);
+        h.seal(2);
+        assert_eq!(h.mean(0, 0), Some(2.0));
+        assert_eq!(h.mean(0, 1), None);
+        assert_eq!(h.mean(2, 1), Some(5.0));
+        // The open step still averages.
+        h.add(2, 1, 7.0, 0, 4);
+        assert_eq!(h.mean(2, 1), Some(6.0));
+        // Sealing never reopens, and more than held is all of it.
+        h.seal(1);
+        h.seal(9);
+        h.extend_back(1);
+        h.add(3, 0, 2.0, 0, 5);
+        h.add(3, 0, 4.0, 0, 6);
+        assert_eq!(h.mean(3, 0), Some(3.0));
+        h.pop_front();
+        h.pop_front();
+        h.pop_front();
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.mean(0, 0), Some(3.0));
+        // Widening reaches the counts of the open step too.
+        h.widen(3);
+        h.add(0, 2, 1.0, 0, 7);
+        h.add(0, 2, 2.0, 0, 8);
+        assert_eq!(h.mean(0, 2), Some(1.5));
+        assert_eq!(h.lows(0).collect::<Vec<_>>(), vec![(0, 5)]);
+    }
+
+    #[test]
+    fn a_sealed_history_costs_four_bytes_an_entry() {
+        let mut h = History::default();
+        h.widen(32);
+        h.add_partition();
+        // 40 steps held, the last 4 open, as a window of 36 steps behind a 4-step lateness.
+        for step in 0..100 {
+            h.extend_back(1);
+            h.add(h.len() - 1, 0, step as f32, 0, step);
+            h.seal(h.len().saturating_sub(4));
+            if h.len() > 40 {
+                h.pop_front();
+            }
+        }
+        let exact = 40 * (32 * 4 + 8) + 4 * 32;
         assert!(
             h.bytes() <= exact + exact / 10,
             "{} bytes for {exact}",
