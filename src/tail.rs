@@ -24,7 +24,7 @@ pub struct Filter {
 impl Filter {
     pub fn accepts(&self, event: &AnomalyEvent) -> bool {
         self.min_severity.is_none_or(|min| event.severity >= min)
-            && (self.cells.is_empty() || self.cells.iter().any(|c| *c == event.cell_id))
+            && (self.cells.is_empty() || self.cells.contains(&event.cell_id))
     }
 }
 

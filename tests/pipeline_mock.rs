@@ -267,8 +267,7 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
                 ),
             ];
             for (reason, payload, reading) in cases {
-                let (partition, offset) =
-                    common::produce(&producer, READINGS, cell, &payload).await;
+                let (partition, offset) = common::produce(producer, READINGS, cell, &payload).await;
                 produced += 1;
                 bad.push((reason, partition, offset, payload, reading));
             }
