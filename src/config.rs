@@ -330,6 +330,11 @@ pub struct DetectConfig {
     /// value well when flat is plausible). 0 (default): off. At least 2, and at most the
     /// model's window length.
     pub flatline_steps: usize,
+    /// How far, in standard deviations of its channel (the model's statistics), a value must
+    /// stand out from both the step before and the step after, in the same direction, to be a
+    /// spike that makes the window anomalous whatever its score (a glitch the model averages
+    /// away or mistakes for traffic). 0 (default): off.
+    pub spike_sigmas: f64,
     /// Present: consecutive anomalous windows of a cell form one incident, and only its OPEN,
     /// UPDATE and CLOSE are published (events carry `incident`). Absent (default): one event
     /// per anomalous window, `incident` null.
@@ -346,6 +351,7 @@ impl Default for DetectConfig {
             spot_init_windows: 1_000,
             spot: SpotConfig::default(),
             flatline_steps: 0,
+            spike_sigmas: 0.0,
             incidents: None,
         }
     }
@@ -606,6 +612,12 @@ impl Config {
                     .into(),
             );
         }
+        if !(self.detect.spike_sigmas.is_finite() && self.detect.spike_sigmas >= 0.0) {
+            return invalid(format!(
+                "[detect] spike_sigmas is {}: use 0 (off) or a positive number of standard deviations",
+                self.detect.spike_sigmas
+            ));
+        }
         if let Some(Err(e)) = self.detect.incidents.as_ref().map(|i| i.validate()) {
             return invalid(format!("[detect.incidents] {e}"));
         }
@@ -797,6 +809,9 @@ mod tests {
         let f = file("[detect]\nflatline_steps = 1\n");
         let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
         assert!(message.contains("at least 2"), "{message}");
+        let f = file("[detect]\nspike_sigmas = -1.0\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("spike_sigmas"), "{message}");
     }
 
     #[test]

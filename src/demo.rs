@@ -396,6 +396,7 @@ mod tests {
             node_count: 1,
             incident: None,
             flatlined: Vec::new(),
+            spikes: Vec::new(),
         }
     }
 

@@ -94,6 +94,14 @@ pub fn event_json(e: &AnomalyEvent) -> String {
             "channel": f.channel,
             "value": f.value,
         })).collect::<Vec<_>>(),
+        "spikes": e.spikes.iter().map(|s| serde_json::json!({
+            "node_id": s.node_id,
+            "channel": s.channel,
+            "at": utc(s.at_ms),
+            "value": s.value,
+            "before": s.before,
+            "after": s.after,
+        })).collect::<Vec<_>>(),
     })
     .to_string()
 }
@@ -181,6 +189,7 @@ mod tests {
             node_count: 1,
             incident: None,
             flatlined: Vec::new(),
+            spikes: Vec::new(),
         }
     }
 

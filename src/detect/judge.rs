@@ -2,8 +2,9 @@
 //!
 //! Invariants:
 //! - Under the `static` policy a window is anomalous iff its score reaches the detector's
-//!   threshold or it is flatlined, and every anomalous window is an event: exactly what the
-//!   detector alone does. Under either policy a flatlined window is anomalous.
+//!   threshold or a sensor check found a fault (flatline, spike), and every anomalous window is
+//!   an event: exactly what the detector alone does. Under either policy such a window is
+//!   anomalous.
 //! - Under the `spot` policy each cell has its own streaming peaks-over-threshold threshold
 //!   ([`Spot`]). Until the cell has one — fitted on its first `spot_init_windows` scores, or by
 //!   [`Judge::calibrate`] — the model's calibrated threshold decides. SPOT's state is this
@@ -103,8 +104,8 @@ impl Judge {
             }
             ThresholdPolicy::Spot => self.spot_step(&window.cell, score.score),
         };
-        // A flatline makes the window anomalous under either policy.
-        let anomalous = above || score.is_flatlined();
+        // A sensor fault (flatline, spike) makes the window anomalous under either policy.
+        let anomalous = above || score.has_sensor_fault();
         let mut event = anomalous.then(|| self.detector.event(window, &score, threshold));
         if let Some(tracker) = self.incidents.as_mut() {
             let observation = event.as_ref().map(|e| Observation {

@@ -9,6 +9,11 @@
 //! - With `[detect] flatline_steps` = k > 0, a node/channel observed at each of the window's last
 //!   k steps with bit-identical values is *flatlined*; a window with one is anomalous whatever
 //!   its score, and its event lists them. Like the score, this is a function of the window only.
+//! - With `[detect] spike_sigmas` = k > 0, a node/channel whose value at a checked step differs
+//!   from both its neighbouring steps by more than k of its channel's standard deviations, in
+//!   the same direction, is a *spike*; a window with one is anomalous whatever its score, and its
+//!   event lists them. The checked steps are the scored steps shifted one back (a spike needs
+//!   the step after it), so with the hop equal to the scored steps each step is checked once.
 //! - An event is emitted iff `score ≥ threshold`. Its id is a function of (model name, model
 //!   version, cell, window end) only, and every other field is a function of the window and the
 //!   model, so scoring the same window again yields a byte-identical event.
@@ -22,7 +27,7 @@ pub use judge::{Judge, Judgement};
 use crate::assemble::Window;
 use crate::config::DetectConfig;
 use crate::infer::ModelContract;
-use crate::schema::{AnomalyEvent, Contributor, Flatline, Severity};
+use crate::schema::{AnomalyEvent, Contributor, Flatline, Severity, Spike};
 
 /// Namespace of event ids (UUIDv5).
 const EVENT_NAMESPACE: uuid::Uuid = uuid::uuid!("6c1e8a52-3f7b-5d2e-9a41-0b7e5c3d2f10");
@@ -53,13 +58,28 @@ pub struct Score {
     pub entries: Vec<(usize, usize, f64)>,
     /// `(node slot, channel, value)` of every flatlined entry.
     pub flat: Vec<(usize, usize, f32)>,
+    /// Every spike found in the checked steps.
+    pub spikes: Vec<SpikeAt>,
 }
 
 impl Score {
-    /// Whether some node/channel of the window is flatlined (anomalous whatever the score).
-    pub fn is_flatlined(&self) -> bool {
-        !self.flat.is_empty()
+    /// Whether a sensor check found a fault (a flatline or a spike): such a window is anomalous
+    /// whatever its score.
+    pub fn has_sensor_fault(&self) -> bool {
+        !self.flat.is_empty() || !self.spikes.is_empty()
     }
+}
+
+/// One value of a window that stands out from both its neighbouring steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpikeAt {
+    pub slot: usize,
+    pub channel: usize,
+    /// Step within the window.
+    pub step: usize,
+    pub value: f32,
+    pub before: f32,
+    pub after: f32,
 }
 
 /// Scores windows and turns anomalous ones into events, for one model.
@@ -78,6 +98,9 @@ pub struct Detector {
     top_contributors: usize,
     /// 0: no flatline check.
     flatline_steps: usize,
+    /// 0: no spike check.
+    spike_sigmas: f64,
+    cadence_ms: i64,
 }
 
 impl Detector {
@@ -95,6 +118,8 @@ impl Detector {
                 * config.threshold_scale,
             top_contributors: config.top_contributors,
             flatline_steps: config.flatline_steps.min(contract.window_steps),
+            spike_sigmas: config.spike_sigmas,
+            cadence_ms: contract.cadence_ms,
         }
     }
 
@@ -142,11 +167,56 @@ impl Detector {
             .collect();
         let score = entries.iter().map(|e| e.2).fold(0.0, f64::max);
         let flat = self.flatlined(window);
+        let spikes = self.spikes(window);
         Score {
             score,
             entries,
             flat,
+            spikes,
         }
+    }
+
+    /// Every spike of `window` at the checked steps (the scored steps, one step earlier); none
+    /// when the check is off.
+    fn spikes(&self, window: &Window) -> Vec<SpikeAt> {
+        if self.spike_sigmas.is_nan() || self.spike_sigmas <= 0.0 {
+            return Vec::new();
+        }
+        let t = self.window_steps;
+        let f = self.channels.len();
+        let width = window.node_count() * f;
+        let first = (t - self.scored_steps).saturating_sub(1).max(1);
+        let mut found = Vec::new();
+        for step in first..t - 1 {
+            for i in 0..width {
+                let at = |s: usize| s * width + i;
+                if [step - 1, step, step + 1]
+                    .iter()
+                    .any(|&s| window.mask[at(s)] <= 0.0)
+                {
+                    continue;
+                }
+                let (before, value, after) = (
+                    window.values[at(step - 1)],
+                    window.values[at(step)],
+                    window.values[at(step + 1)],
+                );
+                let jump = self.spike_sigmas * self.normalisation[i % f].1;
+                let up = f64::from(value - before) > jump && f64::from(value - after) > jump;
+                let down = f64::from(before - value) > jump && f64::from(after - value) > jump;
+                if up || down {
+                    found.push(SpikeAt {
+                        slot: i / f,
+                        channel: i % f,
+                        step,
+                        value,
+                        before,
+                        after,
+                    });
+                }
+            }
+        }
+        found
     }
 
     /// `(node slot, channel, value)` of every entry of `window` observed at each of its last
@@ -173,7 +243,7 @@ impl Detector {
     /// The event for `window`, if its score reaches the threshold.
     pub fn detect(&self, window: &Window, reconstruction: &[f32]) -> (Score, Option<AnomalyEvent>) {
         let score = self.score(window, reconstruction);
-        if severity(score.score, self.threshold).is_none() && !score.is_flatlined() {
+        if severity(score.score, self.threshold).is_none() && !score.has_sensor_fault() {
             return (score, None);
         }
         let event = self.event(window, &score, self.threshold);
@@ -225,6 +295,18 @@ impl Detector {
                     node_id: window.nodes[node].to_string(),
                     channel: self.channels[channel].clone(),
                     value: f64::from(value),
+                })
+                .collect(),
+            spikes: score
+                .spikes
+                .iter()
+                .map(|s| Spike {
+                    node_id: window.nodes[s.slot].to_string(),
+                    channel: self.channels[s.channel].clone(),
+                    at_ms: window.start_ms + s.step as i64 * self.cadence_ms,
+                    value: f64::from(s.value),
+                    before: f64::from(s.before),
+                    after: f64::from(s.after),
                 })
                 .collect(),
         }
@@ -415,5 +497,81 @@ mod tests {
         let off = Detector::new(&contract(), &DetectConfig::default());
         w.mask[2 * n * f + 1] = 1.0;
         assert!(off.score(&w, &recon).flat.is_empty());
+    }
+
+    #[test]
+    fn spikes_stand_out_from_both_neighbours_in_their_channels_deviations() {
+        let mut c = test_support::contract("3", (8, 2, 2), &["a", "b"], vec![1.0, 1.0], 1e9);
+        c.channels[1].std = 2.0;
+        let config = DetectConfig {
+            spike_sigmas: 3.0,
+            ..DetectConfig::default()
+        };
+        let detector = Detector::new(&c, &config);
+        let (t, n, f) = (8, 1, 2);
+        let flat = Window {
+            cell: Arc::from("c"),
+            start_ms: 100_000,
+            end_ms: 108_000,
+            nodes: vec![Arc::from("n0")],
+            values: vec![10.0; t * n * f],
+            mask: vec![1.0; t * n * f],
+            missing_fraction: 0.0,
+            holds: Vec::new(),
+            closed_at: std::time::Instant::now(),
+        };
+        let at = |step: usize, channel: usize| step * n * f + channel;
+        let spikes = |w: &Window| detector.score(w, &w.values).spikes;
+        assert!(spikes(&flat).is_empty());
+        // Checked steps are 5 and 6: the scored steps (6, 7) one step earlier.
+        let mut w = flat.clone();
+        w.values[at(6, 0)] = 14.0;
+        w.values[at(3, 0)] = 30.0;
+        assert_eq!(
+            spikes(&w),
+            vec![SpikeAt {
+                slot: 0,
+                channel: 0,
+                step: 6,
+                value: 14.0,
+                before: 10.0,
+                after: 10.0
+            }]
+        );
+        // Channel b's deviation is 2: a jump of 5 is 2.5 deviations, 7 is 3.5; downwards too.
+        let mut w = flat.clone();
+        w.values[at(5, 1)] = 5.0;
+        assert!(spikes(&w).is_empty());
+        w.values[at(5, 1)] = 3.0;
+        assert_eq!(spikes(&w).len(), 1);
+        // A step change is not a spike, nor a value whose neighbour is missing.
+        let mut w = flat.clone();
+        w.values[at(6, 0)] = 14.0;
+        w.values[at(7, 0)] = 14.0;
+        assert!(spikes(&w).is_empty());
+        let mut w = flat.clone();
+        w.values[at(6, 0)] = 14.0;
+        w.mask[at(5, 0)] = 0.0;
+        assert!(spikes(&w).is_empty());
+        // A spike alone makes an event that names it, at its step's start.
+        let mut w = flat.clone();
+        w.values[at(5, 1)] = 20.0;
+        // A perfect reconstruction (in model units: channel b divided by its deviation).
+        let recon: Vec<f32> = (w.values.iter().enumerate())
+            .map(|(i, v)| if i % f == 1 { v / 2.0 } else { *v })
+            .collect();
+        let (score, event) = detector.detect(&w, &recon);
+        assert_eq!(score.score, 0.0);
+        let event = event.expect("a spiking window is anomalous");
+        assert_eq!(event.spikes.len(), 1);
+        let spike = &event.spikes[0];
+        assert_eq!(
+            (spike.node_id.as_str(), spike.channel.as_str(), spike.at_ms),
+            ("n0", "b", 105_000)
+        );
+        assert_eq!((spike.value, spike.before, spike.after), (20.0, 10.0, 10.0));
+        // Off by default.
+        let off = Detector::new(&c, &DetectConfig::default());
+        assert!(off.score(&w, &w.values).spikes.is_empty());
     }
 }

@@ -315,10 +315,11 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                                 None => per_node.push((Arc::clone(&w.nodes[slot]), e)),
                             }
                         }
-                        // A flatlined sensor is what the event names as the cause: it ranks
-                        // above the window's largest model error.
+                        // A flatlined or spiking sensor is what the event names as the cause:
+                        // it ranks above the window's largest model error.
                         let top = score.score;
-                        for &(slot, _, _) in &score.flat {
+                        let faulty = score.flat.iter().map(|f| f.0);
+                        for slot in faulty.chain(score.spikes.iter().map(|s| s.slot)) {
                             match per_node.iter_mut().find(|(n, _)| *n == w.nodes[slot]) {
                                 Some((_, m)) => *m += top,
                                 None => per_node.push((Arc::clone(&w.nodes[slot]), top)),

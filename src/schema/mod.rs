@@ -21,7 +21,7 @@ pub mod records;
 
 pub use records::{
     AnomalyEvent, Channel, Contributor, Flatline, Incident, IncidentStatus, Reading, Severity,
-    ShapeError, SpatialNode,
+    ShapeError, SpatialNode, Spike,
 };
 
 /// Largest allocation a single Avro length prefix may ask for; a hostile payload claiming a
@@ -360,7 +360,7 @@ mod tests {
     }
 
     #[test]
-    fn events_round_trip_with_and_without_an_incident_or_flatlines() {
+    fn events_round_trip_with_and_without_an_incident_flatlines_or_spikes() {
         let codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
         let mut event = AnomalyEvent {
             event_id: "e".into(),
@@ -384,6 +384,7 @@ mod tests {
             node_count: 1,
             incident: None,
             flatlined: Vec::new(),
+            spikes: Vec::new(),
         };
         for incident in [
             None,
@@ -404,6 +405,17 @@ mod tests {
             node_id: "n".into(),
             channel: "current".into(),
             value: 3.25,
+        }];
+        let bytes = codec.encode(&event.to_value()).unwrap();
+        let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
+        assert_eq!(back, event);
+        event.spikes = vec![Spike {
+            node_id: "n".into(),
+            channel: "current".into(),
+            at_ms: 9_000,
+            value: 80.5,
+            before: 20.0,
+            after: 21.5,
         }];
         let bytes = codec.encode(&event.to_value()).unwrap();
         let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();

@@ -100,6 +100,20 @@ pub struct AnomalyEvent {
     pub incident: Option<Incident>,
     /// Node/channel pairs stuck on one value over the flatline check's steps.
     pub flatlined: Vec<Flatline>,
+    /// Values that stood out from both neighbouring steps (the spike check).
+    pub spikes: Vec<Spike>,
+}
+
+/// A value that stood out from both the step before and the step after, in physical units.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spike {
+    pub node_id: String,
+    pub channel: String,
+    /// Start of the spike's step.
+    pub at_ms: i64,
+    pub value: f64,
+    pub before: f64,
+    pub after: f64,
 }
 
 /// A node/channel pair that read exactly one value over the flatline check's last steps.
@@ -464,6 +478,24 @@ impl AnomalyEvent {
                         .collect(),
                 ),
             ),
+            (
+                "spikes".into(),
+                Value::Array(
+                    self.spikes
+                        .iter()
+                        .map(|s| {
+                            Value::Record(vec![
+                                ("node_id".into(), Value::String(s.node_id.clone())),
+                                ("channel".into(), Value::String(s.channel.clone())),
+                                ("at".into(), Value::TimestampMillis(s.at_ms)),
+                                ("value".into(), Value::Double(s.value)),
+                                ("before".into(), Value::Double(s.before)),
+                                ("after".into(), Value::Double(s.after)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
         ])
     }
 
@@ -541,6 +573,27 @@ impl AnomalyEvent {
                             node_id: f.string("node_id")?,
                             channel: f.string("channel")?,
                             value: f.opt_double("value")?.ok_or(shape("value", "a double"))?,
+                        })
+                    })
+                    .collect::<Result<_, ShapeError>>()?,
+            },
+            // Absent in events written before the spike check existed.
+            spikes: match fields.get("spikes") {
+                Err(_) => Vec::new(),
+                Ok(_) => fields
+                    .array("spikes")?
+                    .iter()
+                    .map(|s| {
+                        let s = Fields::of(s, "spikes")?;
+                        let double =
+                            |name: &'static str| s.opt_double(name)?.ok_or(shape(name, "a double"));
+                        Ok(Spike {
+                            node_id: s.string("node_id")?,
+                            channel: s.string("channel")?,
+                            at_ms: s.long("at")?,
+                            value: double("value")?,
+                            before: double("before")?,
+                            after: double("after")?,
                         })
                     })
                     .collect::<Result<_, ShapeError>>()?,
