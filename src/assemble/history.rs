@@ -249,27 +249,38 @@ mod tests {
         assert_eq!(h.lows(1).collect::<Vec<_>>(), vec![(0, 11)]);
     }
 
-    #[test]
-    fn a_steady_history_holds_no_slack() {
+    /// Bytes of a 32-entry history fed one step at a time for 100 steps, keeping 40, the
+    /// last `open` of them open (all of them when `None`).
+    fn steady_bytes(open: Option<usize>) -> usize {
         let mut h = History::default();
         h.widen(32);
         h.add_partition();
         for step in 0..100 {
             h.extend_back(1);
             h.add(h.len() - 1, 0, step as f32, 0, step);
+            if let Some(open) = open {
+                h.seal(h.len().saturating_sub(open));
+            }
             if h.len() > 40 {
                 h.pop_front();
             }
         }
         assert_eq!(h.len(), 40);
-        // 40 steps × (32 × 5 + 8) bytes, none of them closed yet, allowing for the allocator
-        // rounding up.
-        let exact = 40 * (32 * 5 + 8);
-        assert!(
-            h.bytes() <= exact + exact / 10,
-            "{} bytes for {exact}",
-            h.bytes()
-        );
+        h.bytes()
+    }
+
+    #[test]
+    fn a_steady_history_holds_no_slack() {
+        // Allowing for the allocator rounding up: 40 steps × (32 × 5 + 8) bytes with every step
+        // open; with 36 closed (a window of 36 steps behind a 4-step lateness) only the open
+        // steps keep a count byte.
+        for (open, exact) in [
+            (None, 40 * (32 * 5 + 8)),
+            (Some(4), 40 * (32 * 4 + 8) + 4 * 32),
+        ] {
+            let bytes = steady_bytes(open);
+            assert!(bytes <= exact + exact / 10, "{bytes} bytes for {exact}");
+        }
     }
 
     #[test]
@@ -306,27 +317,5 @@ mod tests {
         h.add(0, 2, 2.0, 0, 8);
         assert_eq!(h.mean(0, 2), Some(1.5));
         assert_eq!(h.lows(0).collect::<Vec<_>>(), vec![(0, 5)]);
-    }
-
-    #[test]
-    fn a_sealed_history_costs_four_bytes_an_entry() {
-        let mut h = History::default();
-        h.widen(32);
-        h.add_partition();
-        // 40 steps held, the last 4 open, as a window of 36 steps behind a 4-step lateness.
-        for step in 0..100 {
-            h.extend_back(1);
-            h.add(h.len() - 1, 0, step as f32, 0, step);
-            h.seal(h.len().saturating_sub(4));
-            if h.len() > 40 {
-                h.pop_front();
-            }
-        }
-        let exact = 40 * (32 * 4 + 8) + 4 * 32;
-        assert!(
-            h.bytes() <= exact + exact / 10,
-            "{} bytes for {exact}",
-            h.bytes()
-        );
     }
 }
