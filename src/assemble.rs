@@ -9,8 +9,12 @@
 //! - A reading whose step is already closed for its cell is *late*: it is refused (the caller
 //!   dead-letters it) and changes nothing, so the windows emitted never depend on how late data
 //!   arrived.
-//! - Windows end on multiples of `hop` steps (aligned to the epoch, so every instance cuts the
-//!   same windows). The window ending at step `e` covers steps `[e−T, e)` and is emitted exactly
+//! - A cell's windows end on the steps `e` with `e ≡ phase (mod hop)`, counted from the epoch, so
+//!   every instance cuts the same windows. The phase is 0 for every cell unless
+//!   [`AssembleSpec::stagger`] is set; then it is a hash of the cell id, so that cells close
+//!   their windows spread over the hop instead of all at one step boundary (inference gets a
+//!   steady flow of small batches, not one burst per hop). The window ending at step `e` covers
+//!   steps `[e−T, e)` and is emitted exactly
 //!   once, when step `e−1` closes, unless it begins before the cell's history is whole on this
 //!   instance (within the allowed lateness plus one step of the earliest reading it accepted for
 //!   the cell): after a start, or a restart from committed offsets, no window with a truncated
@@ -51,6 +55,9 @@ pub struct AssembleSpec {
     pub window_steps: usize,
     /// Steps between two window ends of a cell.
     pub hop_steps: usize,
+    /// Each cell's window ends are offset within the hop by a hash of its id; otherwise every
+    /// cell's windows end on multiples of the hop.
+    pub stagger: bool,
     /// Channel names in model order (F).
     pub channels: Vec<String>,
     pub allowed_lateness_ms: i64,
@@ -72,6 +79,18 @@ impl AssembleSpec {
 
     fn features(&self) -> usize {
         self.channels.len()
+    }
+
+    /// The step (mod the hop) on which `cell`'s windows end: FNV-1a of its id when staggered,
+    /// the same on every instance and every run.
+    fn phase_of(&self, cell: &str) -> i64 {
+        if !self.stagger {
+            return 0;
+        }
+        let hash = cell.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        (hash % self.hop_steps as u64) as i64
     }
 }
 
@@ -152,6 +171,15 @@ struct CellState {
     last_data_step: i64,
     /// Earliest step of any reading this instance accepted for the cell.
     first_data_step: i64,
+    /// Window ends are the steps `e ≡ phase (mod hop)`.
+    phase: i64,
+}
+
+impl CellState {
+    /// The first window end after step `step`.
+    fn end_after(&self, step: i64, hop: i64) -> i64 {
+        (step.saturating_sub(self.phase).div_euclid(hop) + 1) * hop + self.phase
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -237,6 +265,7 @@ impl Assembler {
                 partitions: Vec::new(),
                 last_data_step: i64::MIN,
                 first_data_step: step,
+                phase: self.spec.phase_of(cell),
             });
         // A numbered reading no newer than the node's newest, in sequence and in event time, is
         // a copy from an upstream replay (a restarted `gridwatch route`, a producer retry
@@ -470,11 +499,9 @@ fn close(
     let first_full_step = state.first_data_step + margin;
     // Only windows that contain data can be worth building.
     let last_useful = target.min(state.last_data_step.saturating_add(t));
-    let first_end = (state.closed_before.div_euclid(hop) + 1) * hop;
-    let mut end = first_end.max(
-        // Skip straight past empty history after a long gap.
-        (state.base_step.div_euclid(hop) + 1) * hop,
-    );
+    let first_end = state.end_after(state.closed_before, hop);
+    // Skip straight past empty history after a long gap.
+    let mut end = first_end.max(state.end_after(state.base_step, hop));
     state.history.make_contiguous();
     while end <= last_useful {
         if end - t < first_full_step {
@@ -496,7 +523,7 @@ fn close(
     state.history.seal(closed_steps);
     // Keep what the next window needs, plus the warm-up margin before it: a restart from the
     // offsets these steps hold then sees the next window's history whole and emits it.
-    let next_end = (target.div_euclid(hop) + 1) * hop;
+    let next_end = state.end_after(target, hop);
     let keep_from = next_end - t - margin;
     while state.base_step < keep_from && !state.history.is_empty() {
         state.history.pop_front();

@@ -235,6 +235,11 @@ pub struct AssembleConfig {
     /// is dropped from memory; if its readings come back it starts afresh, with its warm-up.
     #[serde(with = "humantime_serde")]
     pub idle_cell_timeout: Duration,
+    /// Offsets each cell's window ends within the model's hop by a hash of the cell id, so
+    /// cells close windows spread over the hop rather than all at one step boundary: inference
+    /// gets a steady flow of small batches instead of one burst per hop. false: every window
+    /// ends on a multiple of the hop, counted from the epoch.
+    pub stagger_windows: bool,
 }
 
 impl Default for AssembleConfig {
@@ -245,6 +250,7 @@ impl Default for AssembleConfig {
             max_future: Duration::from_secs(3600),
             max_cells: 100_000,
             idle_cell_timeout: Duration::from_secs(600),
+            stagger_windows: true,
         }
     }
 }

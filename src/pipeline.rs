@@ -114,6 +114,7 @@ pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
         cadence_ms: contract.cadence_ms,
         window_steps: contract.window_steps,
         hop_steps: contract.scored_steps,
+        stagger: config.assemble.stagger_windows,
         channels: contract.channels.iter().map(|c| c.name.clone()).collect(),
         allowed_lateness_ms: config.assemble.allowed_lateness.as_millis() as i64,
         max_nodes: contract.max_nodes,

@@ -214,6 +214,7 @@ fn reconstructions_do_not_depend_on_the_batch() {
         cadence_ms: c.cadence_ms,
         window_steps: c.window_steps,
         hop_steps: c.scored_steps,
+        stagger: true,
         channels: c.channels.iter().map(|ch| ch.name.clone()).collect(),
         allowed_lateness_ms: 0,
         max_nodes: c.max_nodes,

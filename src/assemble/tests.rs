@@ -8,6 +8,7 @@ fn spec(lateness_ms: i64) -> AssembleSpec {
         cadence_ms: 1_000,
         window_steps: 4,
         hop_steps: 2,
+        stagger: false,
         channels: vec!["temperature".into(), "current".into()],
         allowed_lateness_ms: lateness_ms,
         max_nodes: 3,
@@ -445,8 +446,75 @@ fn a_forgotten_partition_is_rebuilt_from_a_replay() {
 }
 
 #[test]
+fn staggered_cells_end_windows_on_their_own_phase_of_the_hop() {
+    let spec = AssembleSpec {
+        hop_steps: 4,
+        stagger: true,
+        ..spec(0)
+    };
+    let cells: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
+    let run = || {
+        let mut assembler = Assembler::new(spec.clone());
+        let mut out = Vec::new();
+        let mut offset = 0;
+        for s in 0..40 {
+            for cell in &cells {
+                let r = reading("a", s * 1_000, &[("current", 1.0)]);
+                add_to(&mut assembler, cell, 0, offset, r, &mut out);
+                offset += 1;
+            }
+        }
+        out
+    };
+    let windows = run();
+    let mut phases = Vec::new();
+    for cell in &cells {
+        let ends: Vec<i64> = (windows.iter())
+            .filter(|w| *w.cell == **cell)
+            .map(|w| w.end_ms / 1_000)
+            .collect();
+        assert!(ends.len() >= 8, "{cell}: {ends:?}");
+        assert!(
+            ends.windows(2).all(|e| e[1] - e[0] == 4),
+            "{cell}: {ends:?}"
+        );
+        assert!(ends.iter().all(|e| e % 4 == ends[0] % 4));
+        phases.push(ends[0] % 4);
+    }
+    // Spread over the hop: not every cell closes at the same step (FNV-1a of c0..c7 mod 4
+    // is 2, 1, 0, 3, 2, 1, 0, 3).
+    assert_eq!(phases, vec![2, 1, 0, 3, 2, 1, 0, 3]);
+    // The same cells get the same windows on another instance.
+    let cut = |ws: &[Window]| -> Vec<(Arc<str>, i64, Vec<f32>)> {
+        (ws.iter())
+            .map(|w| (Arc::clone(&w.cell), w.end_ms, w.values.clone()))
+            .collect()
+    };
+    assert!(cut(&run()) == cut(&windows));
+    // Unstaggered, every cell ends on multiples of the hop.
+    let aligned = Assembler::new(AssembleSpec {
+        stagger: false,
+        ..spec.clone()
+    });
+    assert_eq!(aligned.spec.phase_of("c0"), 0);
+}
+
+#[test]
 fn a_restart_from_any_windows_hold_emits_that_window_again() {
-    let spec = spec(1_500);
+    // Unstaggered, and staggered with "line-1" on phase 1 of a 3-step hop.
+    for spec in [
+        spec(1_500),
+        AssembleSpec {
+            hop_steps: 3,
+            stagger: true,
+            ..spec(1_500)
+        },
+    ] {
+        restart_from_holds(spec);
+    }
+}
+
+fn restart_from_holds(spec: AssembleSpec) {
     let mut feed = Feed::new(spec.clone());
     for s in 0..30 {
         feed.add(reading("a", s * 1_000, &[("current", s as f64)]));

@@ -246,6 +246,8 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
             cadence_ms: cadence,
             window_steps: contract.window_steps,
             hop_steps: 1,
+            // A window ends at every step: there is nothing to stagger.
+            stagger: false,
             channels: format.channels.clone(),
             allowed_lateness_ms: 0,
             max_nodes: contract.max_nodes,
