@@ -188,11 +188,6 @@ pub fn subscribe(
     Ok((consumer, kinds))
 }
 
-/// How long the reading consumer lets a broker hold a fetch for more data, unless configured:
-/// measured with `gridwatch bench` (docs/performance.md), 500 ms (librdkafka's default) gave a
-/// window close → event p99 of 197–278 ms at 20,000 readings/s, 10 ms gave 25 ms.
-const FETCH_WAIT_MAX_MS: &str = "10";
-
 /// The group consumer of the reading topics, with offsets stored only by gridwatch.
 pub fn consumer(
     mut client: ClientConfig,
@@ -208,12 +203,6 @@ pub fn consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky");
-    // librdkafka's default lets a fetch wait 500 ms for data; readings then arrive in bursts
-    // that close many windows at once, and the windows queue for inference. `[kafka]
-    // "fetch.wait.max.ms"` still decides when it is set.
-    if client.get("fetch.wait.max.ms").is_none() {
-        client.set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
-    }
     Ok(client.create_with_context(SourceContext::new(health))?)
 }
 
