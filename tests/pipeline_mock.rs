@@ -205,7 +205,11 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
     let metrics = gridwatch::admin::metrics_handle();
     let fixture = Fixture::new().await;
     let (bootstrap, producer) = (fixture.bootstrap.clone(), &fixture.producer);
-    let config = config(&bootstrap);
+    let mut config = config(&bootstrap);
+    // Window ends on multiples of the hop: with this plant seed every event is then about the
+    // planted fault, which the checks below rely on. Staggered ends cut other windows, and some
+    // of line-1's score above the threshold with no fault; the routed test runs staggered.
+    config.assemble.stagger_windows = false;
 
     // Readings, with the four kinds of bad input planted after step 100.
     let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
