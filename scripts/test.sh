@@ -9,4 +9,7 @@ cd "$root"
 scripts/setup.sh
 GRIDWATCH_TANSU="$(scripts/install-tansu.sh | tail -n 1)"
 export GRIDWATCH_TANSU
+# The benchmarks are not tests, but README's commands run them: build them (test profile, no
+# run) so a change that breaks them fails here.
+cargo test --locked --no-run --benches
 cargo test --locked "$@"
