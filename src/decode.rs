@@ -168,20 +168,15 @@ pub fn validate(reading: &Reading) -> Result<(), InvalidReading> {
     if reading.values.is_empty() {
         return Err(InvalidReading::NoValues);
     }
-    if let Some((channel, value)) = reading.values.iter().find(|(_, v)| !v.is_finite()) {
-        return Err(InvalidReading::NonFinite {
-            channel: channel.clone(),
-            value: *value,
-        });
-    }
-    if let Some((channel, value)) = reading
-        .values
-        .iter()
-        .find(|(_, v)| v.abs() > f64::from(f32::MAX))
+    // One pass: NaN, ±inf and finite values beyond the f32 range.
+    if let Some((channel, value)) =
+        (reading.values.iter()).find(|(_, v)| v.is_nan() || v.abs() > f64::from(f32::MAX))
     {
-        return Err(InvalidReading::OutOfRange {
-            channel: channel.clone(),
-            value: *value,
+        let (channel, value) = (channel.clone(), *value);
+        return Err(if value.is_finite() {
+            InvalidReading::OutOfRange { channel, value }
+        } else {
+            InvalidReading::NonFinite { channel, value }
         });
     }
     Ok(())

@@ -179,7 +179,7 @@ impl Detector {
     /// Every spike of `window` at the checked steps (the scored steps, one step earlier); none
     /// when the check is off.
     fn spikes(&self, window: &Window) -> Vec<SpikeAt> {
-        if self.spike_sigmas.is_nan() || self.spike_sigmas <= 0.0 {
+        if self.spike_sigmas <= 0.0 {
             return Vec::new();
         }
         let t = self.window_steps;
