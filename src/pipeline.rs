@@ -484,10 +484,20 @@ impl Ingest {
         let topic = message.topic();
         let (partition, offset) = (message.partition(), message.offset());
         let id = self.partitions.id(topic, partition);
-        self.ledger
+        let expected = self
+            .ledger
             .lock()
             .expect("ledger lock")
             .consumed(id, offset);
+        match expected {
+            None => tracing::debug!(topic, partition, offset, "First message since assignment."),
+            // Compaction and transaction markers leave gaps too; a gap on a reading topic
+            // written without either means the broker skipped records.
+            Some(next) if offset > next => {
+                tracing::debug!(topic, partition, offset, expected = next, "Offsets skipped.")
+            }
+            Some(_) => {}
+        }
         let kind = self.kinds.get(topic).copied().unwrap_or_default();
         let readings = match self.decoder.decode(kind, message.payload()) {
             Ok(readings) => readings,

@@ -36,12 +36,13 @@ pub struct OffsetLedger {
 }
 
 impl OffsetLedger {
-    /// Records that the message at `offset` of `partition` has been consumed.
-    /// Offsets of one partition arrive in increasing order, except after a reset or a
-    /// re-assignment, which start over from an earlier offset: the latest one always tells the
-    /// position.
-    pub fn consumed(&mut self, partition: i32, offset: i64) {
-        self.next.insert(partition, offset + 1);
+    /// Records that the message at `offset` of `partition` has been consumed, and returns the
+    /// offset expected next before it (`None` for the first message since the partition was
+    /// assigned). Offsets of one partition arrive in increasing order, except after a reset or
+    /// a re-assignment, which start over from an earlier offset: the latest one always tells
+    /// the position.
+    pub fn consumed(&mut self, partition: i32, offset: i64) -> Option<i64> {
+        self.next.insert(partition, offset + 1)
     }
 
     /// Stops reporting a partition as committable (it was revoked). Holds of work still in
