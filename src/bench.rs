@@ -91,6 +91,8 @@ impl StageResult {
 #[derive(Debug, Clone, Default)]
 pub struct LatencyResult {
     pub offered_readings_per_second: f64,
+    /// The reading consumer's `fetch.wait.max.ms` where the benchmark set it (mock cluster).
+    pub fetch_wait_ms: Option<String>,
     /// Inference batches the latency run's windows took.
     pub batches: u64,
     /// Window close → scored (inference done): p50, p99.
@@ -433,6 +435,16 @@ async fn pipeline_stage(
     Ok((seconds, cpu, rss, windows))
 }
 
+/// librdkafka's longest wait for a fetch that finds no data.
+const FETCH_WAIT: &str = "fetch.wait.max.ms";
+
+/// The fetch wait of the latency run on the mock cluster. A broker answers a waiting fetch as
+/// soon as data arrives (`fetch.min.bytes` is 1); librdkafka's mock cluster answers a fetch
+/// that found no data only when the whole wait has passed (`rdkafka_mock_handlers.c`), so with
+/// the default 500 ms every reading produced meanwhile would wait for it, and the run would
+/// measure the mock. A short wait makes the mock answer about as soon as a broker would.
+const MOCK_FETCH_WAIT_MS: &str = "10";
+
 /// The full pipeline on a topic fed at `rate` readings/s for `seconds`: latency percentiles.
 async fn latency_stage(
     client: &ClientConfig,
@@ -444,6 +456,17 @@ async fn latency_stage(
     // The latency run publishes one batch per cell and step, as it happens.
     let mut config = bench_config(client, kind, "bench-latency", 1);
     config.source.topics[0].name = "bench-latency".into();
+    let fetch_wait = if options.brokers.is_none() {
+        Some(
+            config
+                .kafka
+                .entry(FETCH_WAIT.into())
+                .or_insert_with(|| MOCK_FETCH_WAIT_MS.into())
+                .clone(),
+        )
+    } else {
+        None
+    };
     // Every window becomes an event, so every window's close → ack time is measured.
     config.detect.threshold = Some(1e-12);
     let loaded = pipeline::load_model(&config)?;
@@ -491,6 +514,7 @@ async fn latency_stage(
     let pick = |q: f64| quantile(&latencies, q);
     Ok(LatencyResult {
         offered_readings_per_second: rate,
+        fetch_wait_ms: fetch_wait,
         batches: stats.snapshot().inference_batches,
         scored_p50_ms: quantile(&scored, 0.5),
         scored_p99_ms: quantile(&scored, 0.99),
@@ -656,6 +680,11 @@ pub fn report_text(r: &BenchReport) -> String {
             "  of which window close -> scored: p50 {:.1} ms   p99 {:.1} ms ({} inference batches)\n",
             l.scored_p50_ms, l.scored_p99_ms, l.batches
         ));
+        if let Some(wait) = &l.fetch_wait_ms {
+            out.push_str(&format!(
+                "  (mock cluster: fetch.wait.max.ms = {wait}; the mock answers a fetch that found no data only after the whole wait, a broker as soon as data arrives)\n"
+            ));
+        }
     }
     out
 }
