@@ -24,7 +24,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-use crate::config::{Config, TopicConfig};
+use crate::config::{ClientRole, Config, TopicConfig};
 use crate::decode::PayloadKind;
 use crate::pipeline::{self, Scoring};
 use crate::schema::{Codec, RecordKind, WireFormat, records};
@@ -457,13 +457,16 @@ async fn latency_stage(
     let mut config = bench_config(client, kind, "bench-latency", 1);
     config.source.topics[0].name = "bench-latency".into();
     let fetch_wait = if options.brokers.is_none() {
-        Some(
+        if !config.kafka.sets(ClientRole::Consumer, FETCH_WAIT) {
             config
                 .kafka
-                .entry(FETCH_WAIT.into())
-                .or_insert_with(|| MOCK_FETCH_WAIT_MS.into())
-                .clone(),
-        )
+                .insert(format!("consumer.{FETCH_WAIT}"), MOCK_FETCH_WAIT_MS.into());
+        }
+        config
+            .kafka
+            .for_role(ClientRole::Consumer)
+            .get(FETCH_WAIT)
+            .map(|wait| wait.to_string())
     } else {
         None
     };

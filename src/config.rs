@@ -76,9 +76,99 @@ impl Default for Config {
 
 /// librdkafka properties. Behaves as a map; its `Debug` output redacts secrets, so a logged
 /// configuration never shows a password.
-#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// A property for one kind of client only is written `consumer.<property>` or
+/// `producer.<property>` (the prefixes of Kafka Streams' configuration), or inside a
+/// `[kafka.consumer]` / `[kafka.producer]` table, which is read into the same prefixed keys.
+/// No librdkafka property begins with either prefix.
+#[derive(Clone, Default, PartialEq, Serialize)]
 #[serde(transparent)]
 pub struct KafkaProperties(pub BTreeMap<String, String>);
+
+/// The kind of librdkafka client a set of properties is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientRole {
+    Consumer,
+    Producer,
+}
+
+impl ClientRole {
+    const ALL: [ClientRole; 2] = [ClientRole::Consumer, ClientRole::Producer];
+
+    /// The table name, and the key prefix, of this kind's own properties.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientRole::Consumer => "consumer",
+            ClientRole::Producer => "producer",
+        }
+    }
+}
+
+impl KafkaProperties {
+    /// The properties a client of `role` gets: every property for all clients, then the ones
+    /// for `role` (prefix removed), which win over a shared setting of the same property.
+    pub fn for_role(&self, role: ClientRole) -> BTreeMap<&str, &str> {
+        let mut out = BTreeMap::new();
+        let own = |key: &str| {
+            ClientRole::ALL.iter().any(|r| {
+                key.strip_prefix(r.name())
+                    .is_some_and(|k| k.starts_with('.'))
+            })
+        };
+        for (key, value) in self.0.iter().filter(|(k, _)| !own(k)) {
+            out.insert(key.as_str(), value.as_str());
+        }
+        for (key, value) in &self.0 {
+            if let Some(property) = key
+                .strip_prefix(role.name())
+                .and_then(|k| k.strip_prefix('.'))
+            {
+                out.insert(property, value.as_str());
+            }
+        }
+        out
+    }
+
+    /// Whether a client of `role` gets `property` set.
+    pub fn sets(&self, role: ClientRole, property: &str) -> bool {
+        self.for_role(role).contains_key(property)
+    }
+}
+
+impl<'de> Deserialize<'de> for KafkaProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Entry {
+            Value(String),
+            Table(BTreeMap<String, String>),
+        }
+        let entries = BTreeMap::<String, Entry>::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom(
+                "[kafka] values must be strings (quote numbers and booleans: \"5000\", \"true\"); only [kafka.consumer] and [kafka.producer] may be tables of them",
+            )
+        })?;
+        let mut properties = BTreeMap::new();
+        for (key, entry) in entries {
+            match entry {
+                Entry::Value(value) => {
+                    properties.insert(key, value);
+                }
+                Entry::Table(table) => {
+                    if !ClientRole::ALL.iter().any(|r| r.name() == key) {
+                        return Err(serde::de::Error::custom(format!(
+                            "[kafka.{key}] is not a kind of client: use [kafka.consumer] or [kafka.producer]"
+                        )));
+                    }
+                    for (property, value) in table {
+                        properties.insert(format!("{key}.{property}"), value);
+                    }
+                }
+            }
+        }
+        Ok(Self(properties))
+    }
+}
 
 impl std::ops::Deref for KafkaProperties {
     type Target = BTreeMap<String, String>;
@@ -639,7 +729,7 @@ impl Config {
             return invalid("[pipeline] channel_capacity must be at least 1".into());
         }
         for key in ["enable.auto.offset.store", "enable.auto.commit", "group.id"] {
-            if self.kafka.contains_key(key) {
+            if self.kafka.sets(ClientRole::Consumer, key) {
                 return invalid(format!(
                     "[kafka] must not set `{key}`: gridwatch manages it to keep its delivery guarantee (group id: [source] group_id)"
                 ));
@@ -821,6 +911,58 @@ mod tests {
     }
 
     #[test]
+    fn client_kind_properties_reach_only_that_kind() {
+        let f = file(concat!(
+            "[kafka]\n\"bootstrap.servers\" = \"b:9092\"\n\"linger.ms\" = \"5\"\n",
+            "\"producer.linger.ms\" = \"20\"\n",
+            "[kafka.consumer]\n\"fetch.wait.max.ms\" = \"10\"\n",
+        ));
+        let c = Config::load(Some(f.path()), []).unwrap();
+        let consumer = c.kafka.for_role(ClientRole::Consumer);
+        let producer = c.kafka.for_role(ClientRole::Producer);
+        assert_eq!(consumer.get("fetch.wait.max.ms"), Some(&"10"));
+        assert_eq!(consumer.get("linger.ms"), Some(&"5"));
+        assert_eq!(consumer.get("bootstrap.servers"), Some(&"b:9092"));
+        assert!(!producer.contains_key("fetch.wait.max.ms"));
+        // A kind's own setting wins over the shared one.
+        assert_eq!(producer.get("linger.ms"), Some(&"20"));
+        assert!(!producer.keys().any(|k| k.starts_with("consumer")));
+        // What --print-config shows loads back to the same properties.
+        let printed = file(&c.to_redacted_toml());
+        let again = Config::load(Some(printed.path()), []).unwrap();
+        assert_eq!(again.kafka, c.kafka);
+        // The environment reaches a kind's properties through its prefix.
+        let env = [(
+            "GRIDWATCH__KAFKA__CONSUMER_FETCH_WAIT_MAX_MS".to_owned(),
+            "25".to_owned(),
+        )];
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(
+            c.kafka
+                .for_role(ClientRole::Consumer)
+                .get("fetch.wait.max.ms"),
+            Some(&"25")
+        );
+        assert!(!c.kafka.sets(ClientRole::Producer, "fetch.wait.max.ms"));
+    }
+
+    #[test]
+    fn kafka_tables_are_only_client_kinds_and_cannot_take_over_the_group() {
+        let f = file("[kafka.admin]\n\"request.timeout.ms\" = \"5\"\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(
+            message.contains("[kafka.consumer] or [kafka.producer]"),
+            "{message}"
+        );
+        let f = file("[kafka]\n\"session.timeout.ms\" = 5000\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("must be strings"), "{message}");
+        let f = file("[kafka.consumer]\n\"enable.auto.commit\" = \"false\"\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("enable.auto.commit"), "{message}");
+    }
+
+    #[test]
     fn shipped_examples_are_valid() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut seen = 0;
@@ -873,6 +1015,10 @@ mod tests {
         let f = file("[kafka]\n\"sasl.password\" = \"hunter2\"\n[infer]\nmax_batch = \"many\"\n");
         let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
         assert!(!message.contains("hunter2"), "{message}");
+        // An unquoted password is a type error that does not echo the value.
+        let f = file("[kafka]\n\"sasl.password\" = 271828\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(!message.contains("271828"), "{message}");
         // Debug output of a loaded config is what logs would show: redact there too.
         let env = [(
             "GRIDWATCH__KAFKA__SASL_PASSWORD".to_owned(),

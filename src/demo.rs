@@ -14,7 +14,7 @@ use rdkafka::ClientConfig;
 use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, TopicConfig};
+use crate::config::{ClientRole, Config, TopicConfig};
 use crate::decode::PayloadKind;
 use crate::pipeline::{self, Scoring};
 use crate::schema::{AnomalyEvent, Severity, WireFormat};
@@ -156,7 +156,7 @@ pub async fn run(
     config.registry.topic = NODES.into();
     // The plant runs faster than the wall clock: its event time is ahead by design.
     config.assemble.max_future = Duration::ZERO;
-    let client = pipeline::client_config(&config);
+    let client = pipeline::client_config(&config, ClientRole::Producer);
 
     let loaded = pipeline::load_model(&config)?;
     let model = loaded.model.contract.label();
@@ -190,7 +190,7 @@ pub async fn run(
     let stop_tail = CancellationToken::new();
     let tailed = Arc::new(AtomicUsize::new(0));
     let tail_task = tokio::spawn(tail(
-        client.clone(),
+        pipeline::client_config(&config, ClientRole::Consumer),
         config.sink.events_topic.clone(),
         config.sink.wire_format,
         options.verbose,

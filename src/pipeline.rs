@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
-use crate::config::{BadInputPolicy, Config, DetectConfig};
+use crate::config::{BadInputPolicy, ClientRole, Config, DetectConfig};
 use crate::decode::{self, Decoder, PayloadKind};
 use crate::detect::{Detector, Judge, Judgement};
 use crate::infer::contract::Standardisation;
@@ -41,10 +41,10 @@ use crate::telemetry::{self, Health, Stats};
 /// Most publishes awaiting acknowledgement at once, per publisher.
 const MAX_IN_FLIGHT: usize = 512;
 
-/// librdkafka client configuration from `[kafka]`.
-pub fn client_config(config: &Config) -> ClientConfig {
+/// librdkafka configuration for a client of `role`, from `[kafka]`.
+pub fn client_config(config: &Config, role: ClientRole) -> ClientConfig {
     let mut client = ClientConfig::new();
-    for (key, value) in config.kafka.iter() {
+    for (key, value) in config.kafka.for_role(role) {
         client.set(key, value);
     }
     client
@@ -254,13 +254,13 @@ pub async fn run_with(
         &loaded.model.contract.version,
         loaded.model.provider,
     );
-    let client = client_config(config);
+    let client = client_config(config, ClientRole::Consumer);
     let Some((registry, registry_task)) = load_registry(config, &client, &health, &cancel).await?
     else {
         return Ok(RunReport::default());
     };
     let (consumer, kinds) = source::subscribe(
-        client.clone(),
+        client,
         &config.source.group_id,
         &config.source.topics,
         config.source.commit_interval,
@@ -268,7 +268,10 @@ pub async fn run_with(
     )?;
 
     let decoder = decoder(config)?;
-    let sink = Arc::new(Sink::new(client.clone(), &config.sink)?);
+    let sink = Arc::new(Sink::new(
+        client_config(config, ClientRole::Producer),
+        &config.sink,
+    )?);
     let ledger = Arc::new(Mutex::new(OffsetLedger::default()));
     let capacity = config.pipeline.channel_capacity;
     let (windows_tx, windows_rx) = mpsc::channel::<Window>(capacity);
@@ -494,7 +497,13 @@ impl Ingest {
             // Compaction and transaction markers leave gaps too; a gap on a reading topic
             // written without either means the broker skipped records.
             Some(next) if offset > next => {
-                tracing::debug!(topic, partition, offset, expected = next, "Offsets skipped.")
+                tracing::debug!(
+                    topic,
+                    partition,
+                    offset,
+                    expected = next,
+                    "Offsets skipped."
+                )
             }
             Some(_) => {}
         }

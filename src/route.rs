@@ -29,7 +29,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BadInputPolicy, Config};
+use crate::config::{BadInputPolicy, ClientRole, Config};
 use crate::decode::{self, Decoder, PayloadKind};
 use crate::pipeline;
 use crate::registry::Registry;
@@ -69,20 +69,21 @@ pub async fn run(
     };
     // Readiness asks for a loaded model; the route stage has none to wait for.
     health.set_model_loaded(true);
-    let client = pipeline::client_config(config);
+    let client = pipeline::client_config(config, ClientRole::Consumer);
     let Some((registry, registry_task)) =
         pipeline::load_registry(config, &client, &health, &cancel).await?
     else {
         return Ok(RouteReport::default());
     };
     let (consumer, kinds) = source::subscribe(
-        client.clone(),
+        client,
         &config.route.group_id,
         &config.route.topics,
         config.source.commit_interval,
         Arc::clone(&health),
     )?;
-    let producer: FutureProducer = client
+    let producer_client = pipeline::client_config(config, ClientRole::Producer);
+    let producer: FutureProducer = producer_client
         .clone()
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -97,7 +98,7 @@ pub async fn run(
         batches: Codec::new(RecordKind::ReadingBatch, config.source.wire_format)
             .with_write_id(write_id),
         producer,
-        sink: Arc::new(Sink::new(client.clone(), &config.sink)?),
+        sink: Arc::new(Sink::new(producer_client, &config.sink)?),
         policy: config.sink.bad_input,
         ledger: Arc::new(Mutex::new(OffsetLedger::default())),
         partitions: HashMap::new(),

@@ -92,11 +92,13 @@ fn config_file(dir: &Path, bootstrap: &str, group: &str, session_timeout_ms: u32
         r#"
 [kafka]
 "bootstrap.servers" = "{bootstrap}"
-"session.timeout.ms" = "{session_timeout_ms}"
-"heartbeat.interval.ms" = "{heartbeat_ms}"
 # A restarted in-memory broker comes back without topics; the clients see them recreated at
 # their next metadata refresh.
 "topic.metadata.refresh.interval.ms" = "2000"
+
+[kafka.consumer]
+"session.timeout.ms" = "{session_timeout_ms}"
+"heartbeat.interval.ms" = "{heartbeat_ms}"
 
 [source]
 group_id = "{group}"
@@ -525,7 +527,13 @@ async fn a_rebalance_storm_loses_nothing() {
         instances[3].log_tail(30)
     );
     let found = Found::read(&bootstrap);
-    check("rebalance storm", &dir, (&bootstrap, "storm"), &found, &want);
+    check(
+        "rebalance storm",
+        &dir,
+        (&bootstrap, "storm"),
+        &found,
+        &want,
+    );
     assert_dead_letter_topic_empty(&bootstrap);
 }
 
@@ -573,7 +581,13 @@ async fn a_broker_restart_loses_nothing() {
         instance.log_tail(30)
     );
     let found = Found::read(&bootstrap);
-    check("broker restart", &dir, (&bootstrap, "restart"), &found, &want);
+    check(
+        "broker restart",
+        &dir,
+        (&bootstrap, "restart"),
+        &found,
+        &want,
+    );
     assert_dead_letter_topic_empty(&bootstrap);
     assert_eq!(ready, Some(503), "/readyz while the broker was away");
 }

@@ -130,7 +130,7 @@ fn config(bootstrap: &str) -> Config {
     // the next run of the group should not wait librdkafka's default 45 s for it to expire.
     config
         .kafka
-        .insert("session.timeout.ms".into(), "6000".into());
+        .insert("consumer.session.timeout.ms".into(), "6000".into());
     config.registry.topic = NODES.into();
     config.infer.max_wait = Duration::from_millis(1);
     config.validate().unwrap();
