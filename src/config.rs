@@ -435,6 +435,12 @@ pub struct DetectConfig {
     /// UPDATE and CLOSE are published (events carry `incident`). Absent (default): one event
     /// per anomalous window, `incident` null.
     pub incidents: Option<IncidentConfig>,
+    /// The model channels the score (and the contributors) are taken over. Empty (default):
+    /// all. A channel left out is still model input, so it still informs the others'
+    /// forecasts; leave out one whose slow drift is normal operation (e.g. a temperature that
+    /// follows the weather), and recalibrate the threshold (`threshold`, or `gridwatch eval`),
+    /// since the model's calibrated one was fitted over every channel.
+    pub score_channels: Vec<String>,
 }
 
 impl Default for DetectConfig {
@@ -449,6 +455,7 @@ impl Default for DetectConfig {
             flatline_steps: 0,
             spike_sigmas: 0.0,
             incidents: None,
+            score_channels: Vec::new(),
         }
     }
 }

@@ -122,6 +122,7 @@ pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
         max_cells: config.assemble.max_cells,
         idle_cell_ms: config.assemble.idle_cell_timeout.as_millis() as i64,
     };
+    Detector::check_score_channels(contract, &config.detect).map_err(anyhow::Error::msg)?;
     let detector = Detector::new(contract, &config.detect);
     Ok(Loaded {
         model,

@@ -89,6 +89,8 @@ pub struct Detector {
     model_version: String,
     model_hash: String,
     channels: Vec<String>,
+    /// Per channel: whether it counts towards the score and the contributors.
+    scored_channels: Vec<bool>,
     /// Per channel `(mean, std)`: values are compared with the reconstruction in model units.
     normalisation: Vec<(f64, f64)>,
     error_scale: Vec<f64>,
@@ -110,6 +112,13 @@ impl Detector {
             model_version: contract.version.clone(),
             model_hash: contract.onnx_sha256.clone(),
             channels: contract.channels.iter().map(|c| c.name.clone()).collect(),
+            scored_channels: contract
+                .channels
+                .iter()
+                .map(|c| {
+                    config.score_channels.is_empty() || config.score_channels.contains(&c.name)
+                })
+                .collect(),
             normalisation: contract.channels.iter().map(|c| (c.mean, c.std)).collect(),
             error_scale: contract.calibration.error_scale.clone(),
             window_steps: contract.window_steps,
@@ -120,6 +129,27 @@ impl Detector {
             flatline_steps: config.flatline_steps.min(contract.window_steps),
             spike_sigmas: config.spike_sigmas,
             cadence_ms: contract.cadence_ms,
+        }
+    }
+
+    /// The names in `[detect] score_channels` that are not channels of `contract`, as an error.
+    pub fn check_score_channels(
+        contract: &ModelContract,
+        config: &DetectConfig,
+    ) -> Result<(), String> {
+        let names: Vec<&str> = contract.channels.iter().map(|c| c.name.as_str()).collect();
+        let unknown: Vec<&String> = config
+            .score_channels
+            .iter()
+            .filter(|n| !names.contains(&n.as_str()))
+            .collect();
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "[detect] score_channels names {unknown:?}, which model {} does not have (its channels: {names:?})",
+                contract.label()
+            ))
         }
     }
 
@@ -162,7 +192,7 @@ impl Detector {
             }
         }
         let entries: Vec<(usize, usize, f64)> = (0..n * f)
-            .filter(|&i| counts[i] > 0)
+            .filter(|&i| counts[i] > 0 && self.scored_channels[i % f])
             .map(|i| (i / f, i % f, sums[i] / f64::from(counts[i])))
             .collect();
         let score = entries.iter().map(|e| e.2).fold(0.0, f64::max);
@@ -409,6 +439,37 @@ mod tests {
         let s = detector.score(&w, &recon);
         assert_eq!(s.entries, vec![(0, 0, 0.0), (0, 1, 2.5), (1, 0, 0.5)]);
         assert_eq!(s.score, 2.5);
+    }
+
+    #[test]
+    fn score_channels_leave_the_others_out_of_score_and_contributors() {
+        let config = DetectConfig {
+            score_channels: vec!["a".into()],
+            ..DetectConfig::default()
+        };
+        let detector = Detector::new(&contract(), &config);
+        let w = window();
+        let mut recon = vec![0.0f32; 12];
+        // Node 0 channel b would score 2.5, but b is not scored.
+        recon[4 + 1] = 2.0;
+        recon[8 + 1] = 4.0;
+        // Node 1 channel a: 0.5, now the highest scored entry.
+        recon[8 + 2] = 1.0;
+        let s = detector.score(&w, &recon);
+        assert_eq!(s.entries, vec![(0, 0, 0.0), (1, 0, 0.5)]);
+        assert_eq!(s.score, 0.5);
+        assert!(detector.detect(&w, &recon).1.is_none(), "0.5 < threshold 2");
+        // Every channel named must be the model's.
+        assert!(Detector::check_score_channels(&contract(), &config).is_ok());
+        let typo = DetectConfig {
+            score_channels: vec!["a".into(), "c".into()],
+            ..DetectConfig::default()
+        };
+        let message = Detector::check_score_channels(&contract(), &typo).unwrap_err();
+        assert!(
+            message.contains("\"c\"") && message.contains("\"b\""),
+            "{message}"
+        );
     }
 
     #[test]
