@@ -379,25 +379,7 @@ mod tests {
     use crate::simulate::FaultKind;
 
     fn event(cell: &str, end_ms: i64) -> AnomalyEvent {
-        AnomalyEvent {
-            event_id: String::new(),
-            cell_id: cell.into(),
-            window_start_ms: end_ms - 16_000,
-            window_end_ms: end_ms,
-            detected_at_ms: end_ms,
-            score: 1.0,
-            threshold: 1.0,
-            severity: Severity::Low,
-            contributors: vec![],
-            model_name: String::new(),
-            model_version: String::new(),
-            model_hash: String::new(),
-            missing_fraction: 0.0,
-            node_count: 1,
-            incident: None,
-            flatlined: Vec::new(),
-            spikes: Vec::new(),
-        }
+        AnomalyEvent::sample(cell, end_ms)
     }
 
     fn fault(cell: &str, start_ms: i64, end_ms: i64) -> Fault {

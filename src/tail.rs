@@ -168,28 +168,8 @@ mod tests {
 
     fn event(cell: &str, severity: Severity) -> AnomalyEvent {
         AnomalyEvent {
-            event_id: "id".into(),
-            cell_id: cell.into(),
-            window_start_ms: 0,
-            window_end_ms: 16_000,
-            detected_at_ms: 16_000,
-            score: 12.5,
-            threshold: 10.0,
             severity,
-            contributors: vec![crate::schema::Contributor {
-                node_id: "n1".into(),
-                channel: "temperature".into(),
-                share: 0.8,
-                score: 12.5,
-            }],
-            model_name: "m".into(),
-            model_version: "1".into(),
-            model_hash: "h".into(),
-            missing_fraction: 0.0,
-            node_count: 1,
-            incident: None,
-            flatlined: Vec::new(),
-            spikes: Vec::new(),
+            ..AnomalyEvent::sample(cell, 16_000)
         }
     }
 

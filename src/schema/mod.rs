@@ -362,30 +362,7 @@ mod tests {
     #[test]
     fn events_round_trip_with_and_without_an_incident_flatlines_or_spikes() {
         let codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
-        let mut event = AnomalyEvent {
-            event_id: "e".into(),
-            cell_id: "line-1".into(),
-            window_start_ms: 0,
-            window_end_ms: 16_000,
-            detected_at_ms: 16_000,
-            score: 12.5,
-            threshold: 9.9,
-            severity: Severity::Low,
-            contributors: vec![Contributor {
-                node_id: "n".into(),
-                channel: "current".into(),
-                share: 1.0,
-                score: 12.5,
-            }],
-            model_name: "m".into(),
-            model_version: "1".into(),
-            model_hash: "h".into(),
-            missing_fraction: 0.0,
-            node_count: 1,
-            incident: None,
-            flatlined: Vec::new(),
-            spikes: Vec::new(),
-        };
+        let mut event = AnomalyEvent::sample("line-1", 16_000);
         for incident in [
             None,
             Some(Incident {

@@ -104,6 +104,38 @@ pub struct AnomalyEvent {
     pub spikes: Vec<Spike>,
 }
 
+#[cfg(test)]
+impl AnomalyEvent {
+    /// A test fixture: a LOW event of `cell` for the 16 s window ending at `window_end_ms`
+    /// (score 12.5 against 10.0), one contributor (node `n1`, channel `temperature`, 80 %).
+    pub(crate) fn sample(cell: &str, window_end_ms: i64) -> Self {
+        Self {
+            event_id: "id".into(),
+            cell_id: cell.into(),
+            window_start_ms: window_end_ms - 16_000,
+            window_end_ms,
+            detected_at_ms: window_end_ms,
+            score: 12.5,
+            threshold: 10.0,
+            severity: Severity::Low,
+            contributors: vec![Contributor {
+                node_id: "n1".into(),
+                channel: "temperature".into(),
+                share: 0.8,
+                score: 12.5,
+            }],
+            model_name: "m".into(),
+            model_version: "1".into(),
+            model_hash: "h".into(),
+            missing_fraction: 0.0,
+            node_count: 1,
+            incident: None,
+            flatlined: Vec::new(),
+            spikes: Vec::new(),
+        }
+    }
+}
+
 /// A value that stood out from both the step before and the step after, in physical units.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Spike {
