@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
-use crate::config::{BadInputPolicy, ClientRole, Config, DetectConfig};
+use crate::config::{BadInputPolicy, ClientRole, Config, DetectConfig, TopicConfig};
 use crate::decode::{self, Decoder, PayloadKind};
 use crate::detect::{Detector, Judge, Judgement};
 use crate::infer::contract::Standardisation;
@@ -195,9 +195,47 @@ pub enum Scoring {
     Off,
 }
 
+/// A job's inputs: the loaded registry (kept current by its task) and the group consumer.
+pub struct Inputs {
+    pub registry: Arc<Registry>,
+    pub registry_task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub consumer: StreamConsumer<SourceContext>,
+    /// The payload kind of each subscribed topic.
+    pub kinds: HashMap<String, PayloadKind>,
+}
+
+/// Loads the registry ([`load_registry`]), then subscribes `group_id` to `topics`. `None` when
+/// `cancel` fires first.
+pub async fn connect(
+    config: &Config,
+    group_id: &str,
+    topics: &[TopicConfig],
+    health: &Arc<Health>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<Inputs>> {
+    let client = client_config(config, ClientRole::Consumer);
+    let Some((registry, registry_task)) = load_registry(config, &client, health, cancel).await?
+    else {
+        return Ok(None);
+    };
+    let (consumer, kinds) = source::subscribe(
+        client,
+        group_id,
+        topics,
+        config.source.commit_interval,
+        Arc::clone(health),
+    )?;
+    Ok(Some(Inputs {
+        registry,
+        registry_task,
+        consumer,
+        kinds,
+    }))
+}
+
 /// Follows the spatial-node topic on a task of its own and waits until it has been read to its
 /// end (`[registry] load_timeout`), then marks it in `health`. `None` when `cancel` fires first.
-pub async fn load_registry(
+async fn load_registry(
     config: &Config,
     client: &ClientConfig,
     health: &Health,
@@ -255,18 +293,22 @@ pub async fn run_with(
         &loaded.model.contract.version,
         loaded.model.provider,
     );
-    let client = client_config(config, ClientRole::Consumer);
-    let Some((registry, registry_task)) = load_registry(config, &client, &health, &cancel).await?
+    let Some(Inputs {
+        registry,
+        registry_task,
+        consumer,
+        kinds,
+    }) = connect(
+        config,
+        &config.source.group_id,
+        &config.source.topics,
+        &health,
+        &cancel,
+    )
+    .await?
     else {
         return Ok(RunReport::default());
     };
-    let (consumer, kinds) = source::subscribe(
-        client,
-        &config.source.group_id,
-        &config.source.topics,
-        config.source.commit_interval,
-        Arc::clone(&health),
-    )?;
 
     let decoder = decoder(config)?;
     let sink = Arc::new(Sink::new(

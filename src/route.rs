@@ -35,7 +35,7 @@ use crate::pipeline;
 use crate::registry::Registry;
 use crate::schema::{self, Codec, DeadLetterReason, Reading, RecordKind, WireFormat, records};
 use crate::sink::{DeadLetter, Sink};
-use crate::source::{self, OffsetLedger, SourceContext};
+use crate::source::{OffsetLedger, SourceContext};
 use crate::telemetry::{self, Health, Stats};
 
 /// Most deliveries awaited at once; the consumer waits when this many are pending.
@@ -69,19 +69,22 @@ pub async fn run(
     };
     // Readiness asks for a loaded model; the route stage has none to wait for.
     health.set_model_loaded(true);
-    let client = pipeline::client_config(config, ClientRole::Consumer);
-    let Some((registry, registry_task)) =
-        pipeline::load_registry(config, &client, &health, &cancel).await?
+    let Some(pipeline::Inputs {
+        registry,
+        registry_task,
+        consumer,
+        kinds,
+    }) = pipeline::connect(
+        config,
+        &config.route.group_id,
+        &config.route.topics,
+        &health,
+        &cancel,
+    )
+    .await?
     else {
         return Ok(RouteReport::default());
     };
-    let (consumer, kinds) = source::subscribe(
-        client,
-        &config.route.group_id,
-        &config.route.topics,
-        config.source.commit_interval,
-        Arc::clone(&health),
-    )?;
     let producer_client = pipeline::client_config(config, ClientRole::Producer);
     let producer: FutureProducer = producer_client
         .clone()
