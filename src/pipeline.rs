@@ -55,10 +55,25 @@ pub fn client_config(config: &Config, role: ClientRole) -> ClientConfig {
 struct SourcePartitions {
     ids: HashMap<String, HashMap<i32, i32>>,
     pairs: Vec<(String, i32)>,
+    /// The last id handed out: consecutive messages mostly come from one partition (a fetch
+    /// returns runs of them), and comparing a short topic name is cheaper than hashing it.
+    last: Option<i32>,
 }
 
 impl SourcePartitions {
     fn id(&mut self, topic: &str, partition: i32) -> i32 {
+        if let Some(last) = self.last {
+            let (t, p) = &self.pairs[last as usize];
+            if *p == partition && t == topic {
+                return last;
+            }
+        }
+        let id = self.lookup(topic, partition);
+        self.last = Some(id);
+        id
+    }
+
+    fn lookup(&mut self, topic: &str, partition: i32) -> i32 {
         if let Some(id) = self.ids.get(topic).and_then(|p| p.get(&partition)) {
             return *id;
         }
@@ -492,11 +507,16 @@ impl Ingest {
     ) -> anyhow::Result<()> {
         let mut ticker = tokio::time::interval(commit_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Made once, not once per message: registering and dropping a waiter on each token for
+        // every message was about a twentieth of the single-reading ingest profile.
+        let cancelled = cancel.cancelled();
+        let failure = failed.cancelled();
+        tokio::pin!(cancelled, failure);
         loop {
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return Ok(()),
-                _ = failed.cancelled() => anyhow::bail!("a later stage failed; stopped consuming"),
+                _ = &mut cancelled => return Ok(()),
+                _ = &mut failure => anyhow::bail!("a later stage failed; stopped consuming"),
                 _ = ticker.tick() => {
                     commit(consumer, &self.ledger, &self.assembler, &self.partitions, &self.stats, false)?;
                 }
