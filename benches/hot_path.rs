@@ -9,6 +9,7 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use gridwatch::assemble::{AssembleSpec, Assembler, Provenance};
 use gridwatch::decode::{Decoder, PayloadKind};
+use gridwatch::schema::fast::Readings;
 use gridwatch::schema::{
     Reading, RecordKind, SchemaIds, WireFormat, read_datum, records, write_datum,
 };
@@ -49,6 +50,14 @@ fn decode(c: &mut Criterion) {
                 .unwrap()
         })
     });
+    group.bench_function("single/direct-reused", |b| {
+        let mut out = Readings::default();
+        b.iter(|| {
+            decoder
+                .decode_into(PayloadKind::Reading, Some(black_box(&single)), &mut out)
+                .unwrap()
+        })
+    });
     group.bench_function("single/apache-avro", |b| {
         let schema = RecordKind::Reading.schema();
         b.iter(|| {
@@ -60,6 +69,14 @@ fn decode(c: &mut Criterion) {
         b.iter(|| {
             decoder
                 .decode(PayloadKind::Batch, Some(black_box(&batch)))
+                .unwrap()
+        })
+    });
+    group.bench_function(BenchmarkId::new("batch/direct-reused", list.len()), |b| {
+        let mut out = Readings::default();
+        b.iter(|| {
+            decoder
+                .decode_into(PayloadKind::Batch, Some(black_box(&batch)), &mut out)
                 .unwrap()
         })
     });

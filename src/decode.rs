@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::schema::fast::{self, FastError};
+use crate::schema::fast::{self, FastError, Readings};
 use crate::schema::{
     Codec, CodecError, DeadLetterReason, Reading, RecordKind, SchemaIds, ShapeError, WireFormat,
     records, unframe_confluent,
@@ -137,26 +137,46 @@ impl Decoder {
         kind: PayloadKind,
         payload: Option<&[u8]>,
     ) -> Result<Vec<Reading>, DecodeError> {
+        let mut out = Readings::default();
+        self.decode_into(kind, payload, &mut out)?;
+        Ok(out.into_vec())
+    }
+
+    /// [`Decoder::decode`] into `out`, whose memory is reused from one message to the next
+    /// (the consuming loop's path: no allocation per reading once warm). `out` holds the
+    /// message's readings on success and none on failure.
+    pub fn decode_into(
+        &self,
+        kind: PayloadKind,
+        payload: Option<&[u8]>,
+        out: &mut Readings,
+    ) -> Result<(), DecodeError> {
+        out.clear();
         let payload = payload.ok_or(DecodeError::NoPayload)?;
         if let Some(datum) = self.fast_datum(kind, payload) {
             if datum.is_empty() {
                 return Err(CodecError::Avro("empty datum".into()).into());
             }
-            return Ok(match kind {
-                PayloadKind::Reading => vec![fast::read_reading(datum)?],
-                PayloadKind::Batch => fast::read_batch(datum)?,
-            });
+            match kind {
+                PayloadKind::Reading => fast::read_reading_into(datum, out)?,
+                PayloadKind::Batch => fast::read_batch_into(datum, out)?,
+            }
+            return Ok(());
         }
-        match kind {
+        let decoded = match kind {
             PayloadKind::Reading => {
                 let value = self.reading.decode(payload)?;
-                Ok(vec![Reading::from_value(&value)?])
+                vec![Reading::from_value(&value)?]
             }
             PayloadKind::Batch => {
                 let value = self.batch.decode(payload)?;
-                Ok(records::batch_from_value(&value)?)
+                records::batch_from_value(&value)?
             }
+        };
+        for reading in decoded {
+            out.push(reading);
         }
+        Ok(())
     }
 }
 

@@ -32,6 +32,7 @@ use crate::detect::{Detector, Judge, Judgement};
 use crate::infer::contract::Standardisation;
 use crate::infer::{self, Inferred, Model};
 use crate::registry::Registry;
+use crate::schema::fast::Readings;
 use crate::schema::{self, DeadLetterReason, RecordKind, SchemaIds};
 use crate::sink::{DeadLetter, Sink};
 use crate::source::SourceContext;
@@ -403,6 +404,7 @@ pub async fn run_with(
         letters: letters_tx,
         kinds,
         scratch: Vec::new(),
+        decoded: Readings::default(),
         max_future: config.assemble.max_future,
     };
     let ingest_result = ingest
@@ -494,6 +496,8 @@ struct Ingest {
     letters: mpsc::Sender<PendingLetter>,
     kinds: HashMap<String, PayloadKind>,
     scratch: Vec<Window>,
+    /// The last message's readings; their memory serves the next message.
+    decoded: Readings,
     max_future: Duration,
 }
 
@@ -571,9 +575,16 @@ impl Ingest {
             Some(_) => {}
         }
         let kind = self.kinds.get(topic).copied().unwrap_or_default();
-        let readings = match self.decoder.decode(kind, message.payload()) {
-            Ok(readings) => readings,
+        // The decode buffer is taken out for this message and put back after it, so that its
+        // memory is reused (an error that ends the job drops it, which costs nothing then).
+        let mut readings = std::mem::take(&mut self.decoded);
+        match self
+            .decoder
+            .decode_into(kind, message.payload(), &mut readings)
+        {
+            Ok(()) => {}
             Err(error) => {
+                self.decoded = readings;
                 telemetry::message_consumed(&self.stats, topic, 0);
                 let letter = DeadLetter {
                     reason: error.reason(),
@@ -588,11 +599,11 @@ impl Ingest {
                 return self.reject(id, letter).await;
             }
         };
-        telemetry::message_consumed(&self.stats, topic, readings.len());
+        telemetry::message_consumed(&self.stats, topic, readings.as_slice().len());
         let batch = kind == PayloadKind::Batch;
         // One clock read per message, not per reading.
         let future_limit = self.future_limit_ms();
-        for (index, reading) in readings.iter().enumerate() {
+        for (index, reading) in readings.as_slice().iter().enumerate() {
             let refused = |reason: DeadLetterReason, error: String| DeadLetter {
                 reason,
                 error,
@@ -678,6 +689,7 @@ impl Ingest {
             telemetry::windows_closed(&self.stats, closed.emitted, closed.sparse, closed.warmup);
             self.emit().await?;
         }
+        self.decoded = readings;
         Ok(())
     }
 

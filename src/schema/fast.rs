@@ -93,10 +93,14 @@ impl<'a> Cursor<'a> {
         Ok(count as usize)
     }
 
-    fn reading(&mut self) -> Result<Reading, FastError> {
-        let node_id = self.string("node_id")?.to_owned();
-        let event_time_ms = self.long("event_time")?;
-        let mut values = Vec::with_capacity(4);
+    /// Reads one reading into `out`, reusing its strings' and vector's memory: after the first
+    /// few messages, decoding allocates nothing.
+    fn reading_into(&mut self, out: &mut Reading) -> Result<(), FastError> {
+        let node_id = self.string("node_id")?;
+        out.node_id.clear();
+        out.node_id.push_str(node_id);
+        out.event_time_ms = self.long("event_time")?;
+        let mut used = 0;
         loop {
             // A map entry is a key (at least its length byte) and an 8-byte double.
             let count = self.block("values", 9)?;
@@ -107,17 +111,22 @@ impl<'a> Cursor<'a> {
                 let key = self.string("values")?;
                 let value = self.double("values")?;
                 // Avro maps keep the last value of a repeated key, as the generic path does.
-                match values
-                    .iter_mut()
-                    .find(|(k, _): &&mut (String, f64)| k == key)
-                {
-                    Some(entry) => entry.1 = value,
-                    None => values.push((key.to_owned(), value)),
+                if let Some(entry) = out.values[..used].iter_mut().find(|(k, _)| k == key) {
+                    entry.1 = value;
+                } else if let Some(entry) = out.values.get_mut(used) {
+                    entry.0.clear();
+                    entry.0.push_str(key);
+                    entry.1 = value;
+                    used += 1;
+                } else {
+                    out.values.push((key.to_owned(), value));
+                    used += 1;
                 }
             }
         }
-        values.sort_by(|a, b| a.0.cmp(&b.0));
-        let sequence = match self.long("sequence") {
+        out.values.truncate(used);
+        out.values.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sequence = match self.long("sequence") {
             // apache-avro reads a union whose index is cut off by the end of the datum as its
             // first branch (null here); so does this decoder, to accept exactly what it accepts.
             Err(FastError::Truncated(_)) => {
@@ -129,12 +138,7 @@ impl<'a> Cursor<'a> {
             Ok(1) => Some(self.long("sequence")?),
             Ok(other) => return Err(FastError::BadUnion(other)),
         };
-        Ok(Reading {
-            node_id,
-            event_time_ms,
-            values,
-            sequence,
-        })
+        Ok(())
     }
 
     fn finish(&self) -> Result<(), FastError> {
@@ -145,31 +149,92 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Decoded readings kept from one message to the next, so that their memory is reused.
+#[derive(Debug, Default)]
+pub struct Readings {
+    items: Vec<Reading>,
+    len: usize,
+}
+
+impl Readings {
+    /// The readings of the last decode.
+    pub fn as_slice(&self) -> &[Reading] {
+        &self.items[..self.len]
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// The readings of the last decode, owned.
+    pub fn into_vec(mut self) -> Vec<Reading> {
+        self.items.truncate(self.len);
+        self.items
+    }
+
+    /// A slot for one more reading, holding whatever an earlier decode left there.
+    fn next_slot(&mut self) -> &mut Reading {
+        if self.len == self.items.len() {
+            self.items.push(Reading::default());
+        }
+        self.len += 1;
+        &mut self.items[self.len - 1]
+    }
+
+    /// Appends a reading decoded elsewhere (the generic path).
+    pub fn push(&mut self, reading: Reading) {
+        *self.next_slot() = reading;
+    }
+}
+
 /// One `Reading` datum.
 pub fn read_reading(datum: &[u8]) -> Result<Reading, FastError> {
-    let mut cursor = Cursor { buf: datum };
-    let reading = cursor.reading()?;
-    cursor.finish()?;
-    Ok(reading)
+    let mut out = Readings::default();
+    read_reading_into(datum, &mut out)?;
+    Ok(out.items.swap_remove(0))
 }
 
 /// One `ReadingBatch` datum.
 pub fn read_batch(datum: &[u8]) -> Result<Vec<Reading>, FastError> {
+    let mut out = Readings::default();
+    read_batch_into(datum, &mut out)?;
+    Ok(out.into_vec())
+}
+
+/// [`read_reading`] into `out` (cleared first).
+pub fn read_reading_into(datum: &[u8], out: &mut Readings) -> Result<(), FastError> {
+    out.clear();
     let mut cursor = Cursor { buf: datum };
-    let mut readings = Vec::new();
-    loop {
-        // A reading takes at least 4 bytes: node id length, event time, map end, union index.
-        let count = cursor.block("readings", 4)?;
-        if count == 0 {
-            break;
-        }
-        readings.reserve(count);
-        for _ in 0..count {
-            readings.push(cursor.reading()?);
-        }
+    let decoded = cursor
+        .reading_into(out.next_slot())
+        .and_then(|()| cursor.finish());
+    if decoded.is_err() {
+        out.clear();
     }
-    cursor.finish()?;
-    Ok(readings)
+    decoded
+}
+
+/// [`read_batch`] into `out` (cleared first).
+pub fn read_batch_into(datum: &[u8], out: &mut Readings) -> Result<(), FastError> {
+    out.clear();
+    let mut cursor = Cursor { buf: datum };
+    let decoded = (|| {
+        loop {
+            // A reading takes at least 4 bytes: node id length, event time, map end, union index.
+            let count = cursor.block("readings", 4)?;
+            if count == 0 {
+                break;
+            }
+            for _ in 0..count {
+                cursor.reading_into(out.next_slot())?;
+            }
+        }
+        cursor.finish()
+    })();
+    if decoded.is_err() {
+        out.clear();
+    }
+    decoded
 }
 
 #[cfg(test)]
@@ -219,6 +284,32 @@ mod tests {
             let generic = generic_batch(&bytes).unwrap();
             prop_assert_eq!(fast.len(), generic.len());
             prop_assert!(fast.iter().zip(&generic).all(|(a, b)| a.same_bits(b)));
+        }
+
+        #[test]
+        fn a_reused_buffer_decodes_like_a_fresh_one(
+            batches in prop::collection::vec(prop::collection::vec(arb_reading(), 0..6), 1..5),
+            garbage in prop::collection::vec(any::<u8>(), 0..32),
+        ) {
+            // Batches of different sizes, channel sets and node ids, and failed decodes in
+            // between, all into one buffer: each decode holds exactly what a fresh one holds.
+            let mut reused = Readings::default();
+            for readings in &batches {
+                let bytes = write_datum(RecordKind::ReadingBatch.schema(), &records::batch_to_value(readings)).unwrap();
+                read_batch_into(&bytes, &mut reused).unwrap();
+                let fresh = read_batch(&bytes).unwrap();
+                prop_assert_eq!(reused.as_slice().len(), fresh.len());
+                prop_assert!(reused.as_slice().iter().zip(&fresh).all(|(a, b)| a.same_bits(b)));
+                if read_batch_into(&garbage, &mut reused).is_err() {
+                    prop_assert!(reused.as_slice().is_empty());
+                }
+                for r in readings {
+                    let bytes = write_datum(RecordKind::Reading.schema(), &r.to_value()).unwrap();
+                    read_reading_into(&bytes, &mut reused).unwrap();
+                    prop_assert_eq!(reused.as_slice().len(), 1);
+                    prop_assert!(reused.as_slice()[0].same_bits(r));
+                }
+            }
         }
 
         #[test]

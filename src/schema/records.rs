@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use apache_avro::types::Value;
 
 /// One observation of one sensor node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Reading {
     pub node_id: String,
     /// Milliseconds since the Unix epoch, UTC.
