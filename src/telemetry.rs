@@ -86,7 +86,6 @@ fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
-/// Counts one; true for the first.
 fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
@@ -184,9 +183,10 @@ pub struct StatsSnapshot {
     pub commits: u64,
 }
 
-/// Messages between two progress marks of the consuming loop: reading the clock for every
-/// message was a twentieth of the single-reading ingest profile on a virtual machine, and a
-/// mark that trails by a few dozen messages changes no measured span noticeably.
+/// Readings between two progress marks of the consuming loop: reading the clock for every
+/// single-reading message was a twentieth of the ingest profile on a virtual machine. A message
+/// of at least this many readings is marked itself, so a mark trails the last message by fewer
+/// than this many readings, which changes no measured span noticeably.
 const PROGRESS_EVERY: u64 = 64;
 
 pub fn message_consumed(stats: &Stats, topic: &str, readings: usize) {
@@ -194,7 +194,7 @@ pub fn message_consumed(stats: &Stats, topic: &str, readings: usize) {
     if before == 0 {
         *stats.first_message.lock().expect("stats lock") = Some(std::time::Instant::now());
     }
-    if before.is_multiple_of(PROGRESS_EVERY) {
+    if readings as u64 >= PROGRESS_EVERY || before.is_multiple_of(PROGRESS_EVERY) {
         stats.progress();
     }
     bump(&stats.readings_decoded, readings as u64);
