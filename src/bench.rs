@@ -476,8 +476,18 @@ async fn latency_stage(
     let stats = Arc::new(Stats::default());
     stats.record_latencies();
     let running = pipeline::spawn(&config, loaded, Arc::clone(&stats), Scoring::On);
-    // Give the group a moment to form, then offer the load in real time.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Offer the load in real time only once the group owns every partition: readings that
+    // waited for the assignment would arrive as one burst and measure the rebalance.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while running.health.assigned_partitions() < options.partitions as usize {
+        anyhow::ensure!(!running.task.is_finished(), "the pipeline stopped early");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the latency run's consumer was not assigned all {} partitions within 60 s",
+            options.partitions
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let producer = producer(client)?;
     let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
     let mut plant = plant(options);
