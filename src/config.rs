@@ -105,28 +105,30 @@ impl ClientRole {
 }
 
 impl KafkaProperties {
+    /// The client kind and the property of a `consumer.<property>` / `producer.<property>`
+    /// key; `None` for a property of every client.
+    fn split(key: &str) -> Option<(ClientRole, &str)> {
+        ClientRole::ALL
+            .into_iter()
+            .find_map(|r| Some((r, key.strip_prefix(r.name())?.strip_prefix('.')?)))
+    }
+
     /// The properties a client of `role` gets: every property for all clients, then the ones
     /// for `role` (prefix removed), which win over a shared setting of the same property.
     pub fn for_role(&self, role: ClientRole) -> BTreeMap<&str, &str> {
-        let mut out = BTreeMap::new();
-        let own = |key: &str| {
-            ClientRole::ALL.iter().any(|r| {
-                key.strip_prefix(r.name())
-                    .is_some_and(|k| k.starts_with('.'))
-            })
-        };
-        for (key, value) in self.0.iter().filter(|(k, _)| !own(k)) {
-            out.insert(key.as_str(), value.as_str());
-        }
+        let mut shared = BTreeMap::new();
+        let mut own = Vec::new();
         for (key, value) in &self.0 {
-            if let Some(property) = key
-                .strip_prefix(role.name())
-                .and_then(|k| k.strip_prefix('.'))
-            {
-                out.insert(property, value.as_str());
+            match Self::split(key) {
+                None => {
+                    shared.insert(key.as_str(), value.as_str());
+                }
+                Some((kind, property)) if kind == role => own.push((property, value.as_str())),
+                Some(_) => {}
             }
         }
-        out
+        shared.extend(own);
+        shared
     }
 
     /// Whether a client of `role` gets `property` set.

@@ -51,17 +51,28 @@ pub fn client_config(config: &Config, role: ClientRole) -> ClientConfig {
     client
 }
 
-/// Dense ids for (topic, partition) pairs, so that per-partition state is keyed by one integer.
+/// Dense ids for (topic, partition) pairs, so that per-partition state is keyed by one integer,
+/// with each topic's payload kind.
 #[derive(Debug, Default)]
 struct SourcePartitions {
     ids: HashMap<String, HashMap<i32, i32>>,
     pairs: Vec<(String, i32)>,
+    /// The payload kind of each subscribed topic, and of each id's topic.
+    topic_kinds: HashMap<String, PayloadKind>,
+    kinds: Vec<PayloadKind>,
     /// The last id handed out: consecutive messages mostly come from one partition (a fetch
     /// returns runs of them), and comparing a short topic name is cheaper than hashing it.
     last: Option<i32>,
 }
 
 impl SourcePartitions {
+    fn new(topic_kinds: HashMap<String, PayloadKind>) -> Self {
+        Self {
+            topic_kinds,
+            ..Self::default()
+        }
+    }
+
     fn id(&mut self, topic: &str, partition: i32) -> i32 {
         if let Some(last) = self.last {
             let (t, p) = &self.pairs[last as usize];
@@ -80,6 +91,8 @@ impl SourcePartitions {
         }
         let id = self.pairs.len() as i32;
         self.pairs.push((topic.to_owned(), partition));
+        self.kinds
+            .push(self.topic_kinds.get(topic).copied().unwrap_or_default());
         self.ids
             .entry(topic.to_owned())
             .or_default()
@@ -89,6 +102,11 @@ impl SourcePartitions {
 
     fn pair(&self, id: i32) -> &(String, i32) {
         &self.pairs[id as usize]
+    }
+
+    /// The payload kind of the topic of `id`.
+    fn kind(&self, id: i32) -> PayloadKind {
+        self.kinds[id as usize]
     }
 }
 
@@ -138,8 +156,7 @@ pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
         max_cells: config.assemble.max_cells,
         idle_cell_ms: config.assemble.idle_cell_timeout.as_millis() as i64,
     };
-    Detector::check_score_channels(contract, &config.detect).map_err(anyhow::Error::msg)?;
-    let detector = Detector::new(contract, &config.detect);
+    let detector = Detector::try_new(contract, &config.detect).map_err(anyhow::Error::msg)?;
     Ok(Loaded {
         model,
         spec,
@@ -396,13 +413,12 @@ pub async fn run_with(
         decoder,
         registry: Arc::clone(&registry),
         assembler: Assembler::new(loaded.spec),
-        partitions: SourcePartitions::default(),
+        partitions: SourcePartitions::new(kinds),
         ledger: Arc::clone(&ledger),
         stats: Arc::clone(&stats),
         policy: config.sink.bad_input,
         windows: windows_tx,
         letters: letters_tx,
-        kinds,
         scratch: Vec::new(),
         decoded: Readings::default(),
         max_future: config.assemble.max_future,
@@ -494,7 +510,6 @@ struct Ingest {
     policy: BadInputPolicy,
     windows: mpsc::Sender<Window>,
     letters: mpsc::Sender<PendingLetter>,
-    kinds: HashMap<String, PayloadKind>,
     scratch: Vec<Window>,
     /// The last message's readings; their memory serves the next message.
     decoded: Readings,
@@ -574,7 +589,7 @@ impl Ingest {
             }
             Some(_) => {}
         }
-        let kind = self.kinds.get(topic).copied().unwrap_or_default();
+        let kind = self.partitions.kind(id);
         // The decode buffer is taken out for this message and put back after it, so that its
         // memory is reused (an error that ends the job drops it, which costs nothing then).
         let mut readings = std::mem::take(&mut self.decoded);

@@ -53,11 +53,11 @@ pub struct Stats {
     pub events_published: [AtomicU64; Severity::ALL.len()],
     pub commits: AtomicU64,
     /// When the first message was consumed and when work last progressed (a message consumed,
-    /// a batch scored, an event acknowledged): what benchmarks time.
-    first_message: std::sync::Mutex<Option<std::time::Instant>>,
-    /// When these statistics began; `last_progress_ns` counts from it (0: none yet).
-    epoch: Epoch,
+    /// a batch scored, an event acknowledged): what benchmarks time. Both count nanoseconds
+    /// from `epoch`, when these statistics began (0: not yet).
+    first_message_ns: AtomicU64,
     last_progress_ns: AtomicU64,
+    epoch: Epoch,
     /// Window close → event acknowledged, seconds, when recording is on.
     latencies: std::sync::Mutex<Option<Vec<f64>>>,
     /// Window close → scored (inference done), seconds, when recording is on.
@@ -98,20 +98,22 @@ impl Stats {
         })
     }
 
-    /// Work progressed now. Lock-free: it runs for every consumed message.
+    /// Nanoseconds since `epoch`, never 0 (0 marks "not yet").
+    fn now_ns(&self) -> u64 {
+        (self.epoch.0.elapsed().as_nanos() as u64).max(1)
+    }
+
+    /// Work progressed now. Lock-free: the consuming loop marks it.
     pub fn progress(&self) {
-        let since = self.epoch.0.elapsed().as_nanos() as u64;
-        self.last_progress_ns.store(since.max(1), Ordering::Relaxed);
+        self.last_progress_ns
+            .store(self.now_ns(), Ordering::Relaxed);
     }
 
     /// From the first consumed message to the last progress.
     pub fn busy_span(&self) -> Option<std::time::Duration> {
-        let first = (*self.first_message.lock().expect("stats lock"))?;
-        let last = match self.last_progress_ns.load(Ordering::Relaxed) {
-            0 => return None,
-            ns => self.epoch.0 + std::time::Duration::from_nanos(ns),
-        };
-        Some(last.saturating_duration_since(first))
+        let first = self.first_message_ns.load(Ordering::Relaxed);
+        let last = self.last_progress_ns.load(Ordering::Relaxed);
+        (first > 0 && last > 0).then(|| std::time::Duration::from_nanos(last.saturating_sub(first)))
     }
 
     /// Starts keeping every window close → acknowledged latency (benchmarks).
@@ -192,7 +194,9 @@ const PROGRESS_EVERY: u64 = 64;
 pub fn message_consumed(stats: &Stats, topic: &str, readings: usize) {
     let before = stats.messages_consumed.fetch_add(1, Ordering::Relaxed);
     if before == 0 {
-        *stats.first_message.lock().expect("stats lock") = Some(std::time::Instant::now());
+        stats
+            .first_message_ns
+            .store(stats.now_ns(), Ordering::Relaxed);
     }
     if readings as u64 >= PROGRESS_EVERY || before.is_multiple_of(PROGRESS_EVERY) {
         stats.progress();

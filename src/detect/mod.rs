@@ -132,11 +132,9 @@ impl Detector {
         }
     }
 
-    /// The names in `[detect] score_channels` that are not channels of `contract`, as an error.
-    pub fn check_score_channels(
-        contract: &ModelContract,
-        config: &DetectConfig,
-    ) -> Result<(), String> {
+    /// [`Detector::new`], refusing a `[detect] score_channels` that names a channel `contract`
+    /// does not have (what a job checks at start-up; a reloaded model keeps the channels).
+    pub fn try_new(contract: &ModelContract, config: &DetectConfig) -> Result<Self, String> {
         let names: Vec<&str> = contract.channels.iter().map(|c| c.name.as_str()).collect();
         let unknown: Vec<&String> = config
             .score_channels
@@ -144,7 +142,7 @@ impl Detector {
             .filter(|n| !names.contains(&n.as_str()))
             .collect();
         if unknown.is_empty() {
-            Ok(())
+            Ok(Self::new(contract, config))
         } else {
             Err(format!(
                 "[detect] score_channels names {unknown:?}, which model {} does not have (its channels: {names:?})",
@@ -182,7 +180,8 @@ impl Detector {
         for t in self.window_steps - self.scored_steps..self.window_steps {
             for i in 0..n * f {
                 let at = t * n * f + i;
-                if window.mask[at] > 0.0 {
+                // Channels left out of the score are not summed at all.
+                if window.mask[at] > 0.0 && self.scored_channels[i % f] {
                     let (mean, std) = self.normalisation[i % f];
                     let value = (f64::from(window.values[at]) - mean) / std;
                     let diff = f64::from(reconstruction[at]) - value;
@@ -192,7 +191,7 @@ impl Detector {
             }
         }
         let entries: Vec<(usize, usize, f64)> = (0..n * f)
-            .filter(|&i| counts[i] > 0 && self.scored_channels[i % f])
+            .filter(|&i| counts[i] > 0)
             .map(|i| (i / f, i % f, sums[i] / f64::from(counts[i])))
             .collect();
         let score = entries.iter().map(|e| e.2).fold(0.0, f64::max);
@@ -460,12 +459,12 @@ mod tests {
         assert_eq!(s.score, 0.5);
         assert!(detector.detect(&w, &recon).1.is_none(), "0.5 < threshold 2");
         // Every channel named must be the model's.
-        assert!(Detector::check_score_channels(&contract(), &config).is_ok());
+        assert!(Detector::try_new(&contract(), &config).is_ok());
         let typo = DetectConfig {
             score_channels: vec!["a".into(), "c".into()],
             ..DetectConfig::default()
         };
-        let message = Detector::check_score_channels(&contract(), &typo).unwrap_err();
+        let message = Detector::try_new(&contract(), &typo).unwrap_err();
         assert!(
             message.contains("\"c\"") && message.contains("\"b\""),
             "{message}"

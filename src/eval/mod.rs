@@ -240,9 +240,8 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
         if contract.standardisation == Standardisation::PerSeriesFit {
             model.set_normalisation(&fit_statistics(s, fit_rows, &std_floor(&contract)))?;
         }
-        Detector::check_score_channels(&model.contract, &config.detect)
-            .map_err(anyhow::Error::msg)?;
-        let detector = Detector::new(&model.contract, &config.detect);
+        let detector =
+            Detector::try_new(&model.contract, &config.detect).map_err(anyhow::Error::msg)?;
 
         let spec = AssembleSpec {
             cadence_ms: cadence,

@@ -201,36 +201,39 @@ pub fn read_batch(datum: &[u8]) -> Result<Vec<Reading>, FastError> {
     Ok(out.into_vec())
 }
 
-/// [`read_reading`] into `out` (cleared first).
+/// [`read_reading`] into `out` (cleared first; empty again on failure).
 pub fn read_reading_into(datum: &[u8], out: &mut Readings) -> Result<(), FastError> {
-    out.clear();
-    let mut cursor = Cursor { buf: datum };
-    let decoded = cursor
-        .reading_into(out.next_slot())
-        .and_then(|()| cursor.finish());
-    if decoded.is_err() {
-        out.clear();
-    }
-    decoded
+    read_into(datum, out, |cursor, out| {
+        cursor.reading_into(out.next_slot())
+    })
 }
 
-/// [`read_batch`] into `out` (cleared first).
+/// [`read_batch`] into `out` (cleared first; empty again on failure).
 pub fn read_batch_into(datum: &[u8], out: &mut Readings) -> Result<(), FastError> {
-    out.clear();
-    let mut cursor = Cursor { buf: datum };
-    let decoded = (|| {
+    read_into(datum, out, |cursor, out| {
         loop {
             // A reading takes at least 4 bytes: node id length, event time, map end, union index.
             let count = cursor.block("readings", 4)?;
             if count == 0 {
-                break;
+                return Ok(());
             }
             for _ in 0..count {
                 cursor.reading_into(out.next_slot())?;
             }
         }
-        cursor.finish()
-    })();
+    })
+}
+
+/// Runs `read` over the whole of `datum` into `out`, cleared first; on failure `out` holds no
+/// reading, not the ones read before the fault.
+fn read_into(
+    datum: &[u8],
+    out: &mut Readings,
+    read: impl FnOnce(&mut Cursor<'_>, &mut Readings) -> Result<(), FastError>,
+) -> Result<(), FastError> {
+    out.clear();
+    let mut cursor = Cursor { buf: datum };
+    let decoded = read(&mut cursor, out).and_then(|()| cursor.finish());
     if decoded.is_err() {
         out.clear();
     }
