@@ -189,6 +189,13 @@ pub fn subscribe(
     Ok((consumer, kinds))
 }
 
+/// How long librdkafka waits before fetching again for a partition once its local queue holds
+/// `queued.min.messages` (100 000 by default). That count is taken of the consumer's one shared
+/// queue, so a consumer that works through 100 000 single-reading messages in less than
+/// librdkafka's default 1 s backoff sits idle for the rest of it: that capped single-reading
+/// ingest at about 155 k messages/s (docs/performance.md). A user's own value wins.
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
 /// The group consumer of the reading topics, with offsets stored only by gridwatch.
 pub fn consumer(
     mut client: ClientConfig,
@@ -196,6 +203,9 @@ pub fn consumer(
     commit_interval_ms: u64,
     health: Arc<Health>,
 ) -> anyhow::Result<StreamConsumer<SourceContext>> {
+    if client.get("fetch.queue.backoff.ms").is_none() {
+        client.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+    }
     client
         .set("statistics.interval.ms", "5000")
         .set("group.id", group_id)
