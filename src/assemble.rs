@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
+use crate::FastHash;
 use crate::schema::Reading;
 
 mod history;
@@ -158,7 +159,7 @@ fn merge_low(low: &mut Vec<(i32, i64)>, partition: i32, offset: i64) {
 #[derive(Debug)]
 struct CellState {
     nodes: Vec<Arc<str>>,
-    slots: HashMap<Arc<str>, usize>,
+    slots: HashMap<Arc<str>, usize, FastHash>,
     /// Per slot, the (sequence, event time) of the newest numbered reading accepted.
     latest: Vec<Option<(i64, i64)>>,
     /// Step index of the first step of `history`.
@@ -192,9 +193,12 @@ struct PartitionClock {
 /// Event-time state of every cell this instance assembles.
 pub struct Assembler {
     spec: AssembleSpec,
-    cells: DashMap<Arc<str>, CellState>,
+    cells: DashMap<Arc<str>, CellState, FastHash>,
     clocks: HashMap<i32, PartitionClock>,
     cells_of_partition: HashMap<i32, Vec<Arc<str>>>,
+    /// The model channels of the reading being added, as (feature, value); kept between
+    /// readings so that adding one allocates nothing.
+    features: Vec<(usize, f32)>,
 }
 
 impl Assembler {
@@ -202,9 +206,10 @@ impl Assembler {
         assert!(spec.cadence_ms > 0 && spec.window_steps > 0 && spec.hop_steps > 0);
         Self {
             spec,
-            cells: DashMap::new(),
+            cells: DashMap::with_hasher(FastHash::default()),
             clocks: HashMap::new(),
             cells_of_partition: HashMap::new(),
+            features: Vec::new(),
         }
     }
 
@@ -235,7 +240,9 @@ impl Assembler {
         at: Provenance,
         out: &mut Vec<Window>,
     ) -> (Admission, Closed) {
-        let admission = self.insert(cell, node, reading, at);
+        let mut features = std::mem::take(&mut self.features);
+        let admission = self.insert(cell, node, reading, at, &mut features);
+        self.features = features;
         let closed = self.advance(at.partition, reading.event_time_ms, out);
         (admission, closed)
     }
@@ -246,6 +253,7 @@ impl Assembler {
         node: &Arc<str>,
         reading: &Reading,
         at: Provenance,
+        features: &mut Vec<(usize, f32)>,
     ) -> Admission {
         let step = self.spec.step_of(reading.event_time_ms);
         let partition_closed = self.partition_closed(at.partition);
@@ -257,7 +265,7 @@ impl Assembler {
             .entry(Arc::clone(cell))
             .or_insert_with(|| CellState {
                 nodes: Vec::new(),
-                slots: HashMap::new(),
+                slots: HashMap::default(),
                 latest: Vec::new(),
                 base_step: step,
                 history: History::default(),
@@ -285,14 +293,11 @@ impl Assembler {
                 watermark_ms: state.closed_before.saturating_mul(self.spec.cadence_ms),
             };
         }
-        let features: Vec<(usize, f32)> = reading
-            .values
-            .iter()
-            .filter_map(|(name, value)| {
-                let f = self.spec.channels.iter().position(|c| c == name)?;
-                Some((f, *value as f32))
-            })
-            .collect();
+        features.clear();
+        features.extend(reading.values.iter().filter_map(|(name, value)| {
+            let f = self.spec.channels.iter().position(|c| c == name)?;
+            Some((f, *value as f32))
+        }));
         let ignored = reading.values.len() - features.len();
         if features.is_empty() {
             return Admission::NoModelChannel;
@@ -333,7 +338,7 @@ impl Assembler {
             let more = index + 1 - state.history.len();
             state.history.extend_back(more);
         }
-        for (f, value) in features {
+        for &(f, value) in features.iter() {
             state
                 .history
                 .add(index, slot * width + f, value, partition_slot, at.offset);

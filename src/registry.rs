@@ -16,6 +16,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use crate::FastHash;
 use crate::schema::{Codec, CodecError, RecordKind, ShapeError, SpatialNode, WireFormat};
 use crate::telemetry;
 
@@ -62,7 +63,7 @@ pub fn cell_of(node: &SpatialNode, resolution: h3o::Resolution) -> Result<String
 
 /// The node table, shared by every stage that needs it.
 pub struct Registry {
-    nodes: DashMap<Arc<str>, Arc<NodeInfo>>,
+    nodes: DashMap<Arc<str>, Arc<NodeInfo>, FastHash>,
     resolution: h3o::Resolution,
     codec: Codec,
     loaded: AtomicBool,
@@ -71,7 +72,7 @@ pub struct Registry {
 impl Registry {
     pub fn new(resolution: h3o::Resolution, format: WireFormat) -> Self {
         Self {
-            nodes: DashMap::new(),
+            nodes: DashMap::with_hasher(FastHash::default()),
             resolution,
             codec: Codec::new(RecordKind::SpatialNode, format),
             loaded: AtomicBool::new(false),
