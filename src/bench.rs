@@ -29,6 +29,7 @@ use crate::decode::PayloadKind;
 use crate::pipeline::{self, Scoring};
 use crate::schema::{Codec, RecordKind, WireFormat, records};
 use crate::simulate::{self, Plant, PlantSpec};
+use crate::source;
 use crate::telemetry::Stats;
 
 /// What to measure.
@@ -299,12 +300,16 @@ fn check_retained(client: &ClientConfig, topic: &str, messages: u64) -> anyhow::
     Ok(())
 }
 
-/// The bare consumer: reads every message of `topic` and touches every payload byte.
+/// The bare consumer: reads every message of `topic` and touches every payload byte. It fetches
+/// as gridwatch's consumer does (`source::FETCH_QUEUE_BACKOFF_MS`): with librdkafka's default
+/// of 1 s it would now and then sit out a second once its local queue held 100 000 messages,
+/// and the ceiling would measure that pause.
 fn ceiling(client: &ClientConfig, topic: &str, messages: u64) -> anyhow::Result<(f64, f64, u64)> {
     let consumer: BaseConsumer = client
         .clone()
         .set("group.id", format!("bench-ceiling-{topic}"))
         .set("enable.auto.commit", "false")
+        .set("fetch.queue.backoff.ms", source::FETCH_QUEUE_BACKOFF_MS)
         .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
