@@ -108,19 +108,37 @@ impl<'a> Cursor<'a> {
                 break;
             }
             for _ in 0..count {
-                let key = self.string("values")?;
+                let raw = self.bytes("values")?;
+                // A sensor sends the same channels message after message: a key equal to one
+                // the buffer already holds is valid UTF-8 and is neither checked nor copied.
+                let held = out.values.iter().position(|(k, _)| k.as_bytes() == raw);
+                let fresh = match held {
+                    Some(_) => None,
+                    None => {
+                        Some(std::str::from_utf8(raw).map_err(|_| FastError::BadUtf8("values"))?)
+                    }
+                };
                 let value = self.double("values")?;
-                // Avro maps keep the last value of a repeated key, as the generic path does.
-                if let Some(entry) = out.values[..used].iter_mut().find(|(k, _)| k == key) {
-                    entry.1 = value;
-                } else if let Some(entry) = out.values.get_mut(used) {
-                    entry.0.clear();
-                    entry.0.push_str(key);
-                    entry.1 = value;
-                    used += 1;
-                } else {
-                    out.values.push((key.to_owned(), value));
-                    used += 1;
+                match held {
+                    // Avro maps keep the last value of a repeated key, as the generic path does.
+                    Some(i) if i < used => out.values[i].1 = value,
+                    Some(i) => {
+                        out.values.swap(used, i);
+                        out.values[used].1 = value;
+                        used += 1;
+                    }
+                    None => {
+                        let key = fresh.expect("a key not held was checked above");
+                        match out.values.get_mut(used) {
+                            Some(entry) => {
+                                entry.0.clear();
+                                entry.0.push_str(key);
+                                entry.1 = value;
+                            }
+                            None => out.values.push((key.to_owned(), value)),
+                        }
+                        used += 1;
+                    }
                 }
             }
         }
