@@ -194,8 +194,8 @@ struct PartitionClock {
 pub struct Assembler {
     spec: AssembleSpec,
     cells: DashMap<Arc<str>, CellState, FastHash>,
-    clocks: HashMap<i32, PartitionClock>,
-    cells_of_partition: HashMap<i32, Vec<Arc<str>>>,
+    clocks: HashMap<i32, PartitionClock, FastHash>,
+    cells_of_partition: HashMap<i32, Vec<Arc<str>>, FastHash>,
     /// The model channels of the reading being added, as (feature, value); kept between
     /// readings so that adding one allocates nothing.
     features: Vec<(usize, f32)>,
@@ -207,8 +207,8 @@ impl Assembler {
         Self {
             spec,
             cells: DashMap::with_hasher(FastHash::default()),
-            clocks: HashMap::new(),
-            cells_of_partition: HashMap::new(),
+            clocks: HashMap::default(),
+            cells_of_partition: HashMap::default(),
             features: Vec::new(),
         }
     }

@@ -35,8 +35,7 @@ use crate::registry::Registry;
 use crate::schema::fast::Readings;
 use crate::schema::{self, DeadLetterReason, RecordKind, SchemaIds};
 use crate::sink::{DeadLetter, Sink};
-use crate::source::SourceContext;
-use crate::source::{self, OffsetLedger};
+use crate::source::{self, OffsetLedger, SourceContext, SourcePartitions};
 use crate::telemetry::{self, Health, Stats};
 
 /// Most publishes awaiting acknowledgement at once, per publisher.
@@ -49,65 +48,6 @@ pub fn client_config(config: &Config, role: ClientRole) -> ClientConfig {
         client.set(key, value);
     }
     client
-}
-
-/// Dense ids for (topic, partition) pairs, so that per-partition state is keyed by one integer,
-/// with each topic's payload kind.
-#[derive(Debug, Default)]
-struct SourcePartitions {
-    ids: HashMap<String, HashMap<i32, i32>>,
-    pairs: Vec<(String, i32)>,
-    /// The payload kind of each subscribed topic, and of each id's topic.
-    topic_kinds: HashMap<String, PayloadKind>,
-    kinds: Vec<PayloadKind>,
-    /// The last id handed out: consecutive messages mostly come from one partition (a fetch
-    /// returns runs of them), and comparing a short topic name is cheaper than hashing it.
-    last: Option<i32>,
-}
-
-impl SourcePartitions {
-    fn new(topic_kinds: HashMap<String, PayloadKind>) -> Self {
-        Self {
-            topic_kinds,
-            ..Self::default()
-        }
-    }
-
-    fn id(&mut self, topic: &str, partition: i32) -> i32 {
-        if let Some(last) = self.last {
-            let (t, p) = &self.pairs[last as usize];
-            if *p == partition && t == topic {
-                return last;
-            }
-        }
-        let id = self.lookup(topic, partition);
-        self.last = Some(id);
-        id
-    }
-
-    fn lookup(&mut self, topic: &str, partition: i32) -> i32 {
-        if let Some(id) = self.ids.get(topic).and_then(|p| p.get(&partition)) {
-            return *id;
-        }
-        let id = self.pairs.len() as i32;
-        self.pairs.push((topic.to_owned(), partition));
-        self.kinds
-            .push(self.topic_kinds.get(topic).copied().unwrap_or_default());
-        self.ids
-            .entry(topic.to_owned())
-            .or_default()
-            .insert(partition, id);
-        id
-    }
-
-    fn pair(&self, id: i32) -> &(String, i32) {
-        &self.pairs[id as usize]
-    }
-
-    /// The payload kind of the topic of `id`.
-    fn kind(&self, id: i32) -> PayloadKind {
-        self.kinds[id as usize]
-    }
 }
 
 /// What a finished run committed.
@@ -600,7 +540,7 @@ impl Ingest {
             Ok(()) => {}
             Err(error) => {
                 self.decoded = readings;
-                telemetry::message_consumed(&self.stats, topic, 0);
+                telemetry::message_consumed(&self.stats, self.partitions.messages(id), 0);
                 let letter = DeadLetter {
                     reason: error.reason(),
                     error: error.to_string(),
@@ -614,7 +554,11 @@ impl Ingest {
                 return self.reject(id, letter).await;
             }
         };
-        telemetry::message_consumed(&self.stats, topic, readings.as_slice().len());
+        telemetry::message_consumed(
+            &self.stats,
+            self.partitions.messages(id),
+            readings.as_slice().len(),
+        );
         let batch = kind == PayloadKind::Batch;
         // One clock read per message, not per reading.
         let future_limit = self.future_limit_ms();

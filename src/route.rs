@@ -35,7 +35,7 @@ use crate::pipeline;
 use crate::registry::Registry;
 use crate::schema::{self, Codec, DeadLetterReason, Reading, RecordKind, WireFormat, records};
 use crate::sink::{DeadLetter, Sink};
-use crate::source::{OffsetLedger, SourceContext};
+use crate::source::{OffsetLedger, SourceContext, SourcePartitions};
 use crate::telemetry::{self, Health, Stats};
 
 /// Most deliveries awaited at once; the consumer waits when this many are pending.
@@ -96,7 +96,6 @@ pub async fn run(
     let mut router = Router {
         decoder: pipeline::decoder(config)?,
         registry,
-        kinds,
         output: config.route.output_topic.clone(),
         batches: Codec::new(RecordKind::ReadingBatch, config.source.wire_format)
             .with_write_id(write_id),
@@ -104,8 +103,7 @@ pub async fn run(
         sink: Arc::new(Sink::new(producer_client, &config.sink)?),
         policy: config.sink.bad_input,
         ledger: Arc::new(Mutex::new(OffsetLedger::default())),
-        partitions: HashMap::new(),
-        pairs: Vec::new(),
+        partitions: SourcePartitions::new(kinds),
         in_flight: FuturesUnordered::new(),
         stats,
         report: RouteReport::default(),
@@ -133,7 +131,6 @@ pub async fn run(
 struct Router {
     decoder: Decoder,
     registry: Arc<Registry>,
-    kinds: HashMap<String, PayloadKind>,
     output: String,
     batches: Codec,
     producer: FutureProducer,
@@ -141,8 +138,7 @@ struct Router {
     policy: BadInputPolicy,
     ledger: Arc<Mutex<OffsetLedger>>,
     /// Dense ids of (topic, partition), for the ledger.
-    partitions: HashMap<(String, i32), i32>,
-    pairs: Vec<(String, i32)>,
+    partitions: SourcePartitions,
     in_flight: FuturesUnordered<Delivery>,
     stats: Arc<Stats>,
     report: RouteReport,
@@ -165,7 +161,7 @@ impl Router {
                 _ = ticker.tick() => self.commit(consumer, false)?,
                 message = consumer.recv(), if self.in_flight.len() < MAX_IN_FLIGHT => {
                     for (topic, partition) in consumer.context().take_revoked() {
-                        let id = self.id(&topic, partition);
+                        let id = self.partitions.id(&topic, partition);
                         self.ledger.lock().expect("ledger lock").forget(id);
                     }
                     match message {
@@ -175,17 +171,6 @@ impl Router {
                 }
             }
         }
-    }
-
-    fn id(&mut self, topic: &str, partition: i32) -> i32 {
-        let key = (topic.to_owned(), partition);
-        if let Some(&id) = self.partitions.get(&key) {
-            return id;
-        }
-        let id = self.pairs.len() as i32;
-        self.pairs.push(key.clone());
-        self.partitions.insert(key, id);
-        id
     }
 
     fn delivered(
@@ -215,7 +200,7 @@ impl Router {
         }
         let mut tpl = TopicPartitionList::new();
         for (id, offset) in &committable {
-            let (topic, partition) = &self.pairs[*id as usize];
+            let (topic, partition) = self.partitions.pair(*id);
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
         }
         if sync {
@@ -231,13 +216,13 @@ impl Router {
     async fn route(&mut self, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
         let topic = message.topic();
         let (partition, offset) = (message.partition(), message.offset());
-        let id = self.id(topic, partition);
+        let id = self.partitions.id(topic, partition);
         self.ledger
             .lock()
             .expect("ledger lock")
             .consumed(id, offset);
         self.report.messages += 1;
-        let kind = self.kinds.get(topic).copied().unwrap_or_default();
+        let kind = self.partitions.kind(id);
         let letter =
             |reason: DeadLetterReason, error: String, payload: Option<Vec<u8>>, index| DeadLetter {
                 reason,
@@ -252,12 +237,12 @@ impl Router {
         let readings = match self.decoder.decode(kind, message.payload()) {
             Ok(readings) => readings,
             Err(error) => {
-                telemetry::message_consumed(&self.stats, topic, 0);
+                telemetry::message_consumed(&self.stats, self.partitions.messages(id), 0);
                 let payload = message.payload().map(<[u8]>::to_vec);
                 return self.reject(id, letter(error.reason(), error.to_string(), payload, None));
             }
         };
-        telemetry::message_consumed(&self.stats, topic, readings.len());
+        telemetry::message_consumed(&self.stats, self.partitions.messages(id), readings.len());
         let batch = kind == PayloadKind::Batch;
         let mut cells: Vec<(Arc<str>, Vec<Reading>)> = Vec::new();
         for (index, reading) in readings.into_iter().enumerate() {

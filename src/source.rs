@@ -217,6 +217,74 @@ pub fn consumer(
     Ok(client.create_with_context(SourceContext::new(health))?)
 }
 
+/// Dense ids for (topic, partition) pairs, so that per-partition state is keyed by one integer,
+/// with each topic's payload kind.
+#[derive(Debug, Default)]
+pub struct SourcePartitions {
+    ids: HashMap<String, HashMap<i32, i32>>,
+    pairs: Vec<(String, i32)>,
+    /// The payload kind of each subscribed topic, and of each id's topic.
+    topic_kinds: HashMap<String, PayloadKind>,
+    kinds: Vec<PayloadKind>,
+    /// Each id's count of consumed messages, labelled by topic.
+    messages: Vec<metrics::Counter>,
+    /// The last id handed out: consecutive messages mostly come from one partition (a fetch
+    /// returns runs of them), and comparing a short topic name is cheaper than hashing it.
+    last: Option<i32>,
+}
+
+impl SourcePartitions {
+    pub fn new(topic_kinds: HashMap<String, PayloadKind>) -> Self {
+        Self {
+            topic_kinds,
+            ..Self::default()
+        }
+    }
+
+    pub fn id(&mut self, topic: &str, partition: i32) -> i32 {
+        if let Some(last) = self.last {
+            let (t, p) = &self.pairs[last as usize];
+            if *p == partition && t == topic {
+                return last;
+            }
+        }
+        let id = self.lookup(topic, partition);
+        self.last = Some(id);
+        id
+    }
+
+    fn lookup(&mut self, topic: &str, partition: i32) -> i32 {
+        if let Some(id) = self.ids.get(topic).and_then(|p| p.get(&partition)) {
+            return *id;
+        }
+        let id = self.pairs.len() as i32;
+        self.pairs.push((topic.to_owned(), partition));
+        self.kinds
+            .push(self.topic_kinds.get(topic).copied().unwrap_or_default());
+        self.messages
+            .push(telemetry::messages_consumed_counter(topic));
+        self.ids
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(partition, id);
+        id
+    }
+
+    pub fn pair(&self, id: i32) -> &(String, i32) {
+        &self.pairs[id as usize]
+    }
+
+    /// The counter of messages consumed from the topic of `id`.
+    pub fn messages(&self, id: i32) -> &metrics::Counter {
+        &self.messages[id as usize]
+    }
+
+    /// The payload kind of the topic of `id`.
+    pub fn kind(&self, id: i32) -> PayloadKind {
+        self.kinds[id as usize]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

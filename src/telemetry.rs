@@ -79,7 +79,6 @@ impl Default for Epoch {
 #[derive(Debug)]
 struct HotCounters {
     readings_decoded: metrics::Counter,
-    messages_by_topic: std::sync::Mutex<Vec<(String, metrics::Counter)>>,
 }
 
 fn get(counter: &AtomicU64) -> u64 {
@@ -94,7 +93,6 @@ impl Stats {
     fn hot(&self) -> &HotCounters {
         self.hot.get_or_init(|| HotCounters {
             readings_decoded: metrics::counter!("gridwatch_readings_decoded_total"),
-            messages_by_topic: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -191,7 +189,14 @@ pub struct StatsSnapshot {
 /// than this many readings, which changes no measured span noticeably.
 const PROGRESS_EVERY: u64 = 64;
 
-pub fn message_consumed(stats: &Stats, topic: &str, readings: usize) {
+/// The counter of messages consumed from `topic`; a consumer registers it once per partition
+/// and passes it to [`message_consumed`].
+pub fn messages_consumed_counter(topic: &str) -> metrics::Counter {
+    metrics::counter!("gridwatch_messages_consumed_total", "topic" => topic.to_owned())
+}
+
+/// A message was consumed; `messages` is its topic's [`messages_consumed_counter`].
+pub fn message_consumed(stats: &Stats, messages: &metrics::Counter, readings: usize) {
     let before = stats.messages_consumed.fetch_add(1, Ordering::Relaxed);
     if before == 0 {
         stats
@@ -204,16 +209,7 @@ pub fn message_consumed(stats: &Stats, topic: &str, readings: usize) {
     bump(&stats.readings_decoded, readings as u64);
     let hot = stats.hot();
     hot.readings_decoded.increment(readings as u64);
-    let mut topics = hot.messages_by_topic.lock().expect("stats lock");
-    match topics.iter().find(|(t, _)| t == topic) {
-        Some((_, counter)) => counter.increment(1),
-        None => {
-            let counter =
-                metrics::counter!("gridwatch_messages_consumed_total", "topic" => topic.to_owned());
-            counter.increment(1);
-            topics.push((topic.to_owned(), counter));
-        }
-    }
+    messages.increment(1);
 }
 
 pub fn reading_accepted(stats: &Stats, ignored_channels: usize) {
