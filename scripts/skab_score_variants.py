@@ -73,7 +73,7 @@ def window_errors(model_path, data_dir):
 def pooled(files, aggregate, factor):
     tp = fp = fn = tn = 0
     for ends, errors, labels in files:
-        scores = aggregate(errors)
+        scores = aggregate(errors, ends < FIT_ROWS)
         threshold = factor * np.quantile(scores[ends < FIT_ROWS], 0.999)
         test = ends >= FIT_ROWS
         flagged, truth = scores[test] >= threshold, labels[ends[test]] == 1
@@ -94,15 +94,48 @@ def main():
     channels, files = window_errors(args.model, args.data)
     no_temps = [i for i, c in enumerate(channels) if c not in ("Temperature", "Thermocouple")]
     light = np.array([0.1 if c in ("Temperature", "Thermocouple") else 1.0 for c in channels])
+
+
+    def per_channel(e, fit):
+        # Each channel's error in units of its own 0.999 quantile over the fit rows.
+        return e / np.maximum(np.quantile(e[fit], 0.999, axis=0), 1e-12)
+
+    def smoothed(scores, k):
+        # Mean of the last k windows' scores (a causal moving average).
+        c = np.cumsum(np.concatenate([np.zeros(1), scores]))
+        i = np.arange(1, len(scores) + 1)
+        return (c[i] - c[np.maximum(i - k, 0)]) / np.minimum(i, k)
+
     variants = [
-        ("max over channels (the contract)", lambda e: e.max(1), 4 / 3),
-        ("mean over channels", lambda e: e.mean(1), 4 / 3),
-        ("second-largest channel", lambda e: np.sort(e, 1)[:, -2], 4 / 3),
-        ("max without the temperatures", lambda e: e[:, no_temps].max(1), 4 / 3),
-        ("max without the temperatures, factor 1", lambda e: e[:, no_temps].max(1), 1.0),
-        ("max without the temperatures, factor 2", lambda e: e[:, no_temps].max(1), 2.0),
-        ("max, temperatures weighted 0.1", lambda e: (e * light).max(1), 4 / 3),
+        ("max over channels (the contract)", lambda e, f: e.max(1), 4 / 3),
+        ("mean over channels", lambda e, f: e.mean(1), 4 / 3),
+        ("second-largest channel", lambda e, f: np.sort(e, 1)[:, -2], 4 / 3),
+        ("max without the temperatures", lambda e, f: e[:, no_temps].max(1), 4 / 3),
+        ("max without the temperatures, factor 1", lambda e, f: e[:, no_temps].max(1), 1.0),
+        ("max without the temperatures, factor 2", lambda e, f: e[:, no_temps].max(1), 2.0),
+        ("max, temperatures weighted 0.1", lambda e, f: (e * light).max(1), 4 / 3),
+        ("per-channel quantile, max", lambda e, f: per_channel(e, f).max(1), 4 / 3),
+        (
+            "per-channel quantile, max without temperatures",
+            lambda e, f: per_channel(e, f)[:, no_temps].max(1),
+            4 / 3,
+        ),
     ]
+    for k in (5, 10, 20):
+        variants.append(
+            (
+                f"max without temperatures, mean of last {k}",
+                lambda e, f, k=k: smoothed(e[:, no_temps].max(1), k),
+                4 / 3,
+            )
+        )
+        variants.append(
+            (
+                f"max, mean of last {k}",
+                lambda e, f, k=k: smoothed(e.max(1), k),
+                4 / 3,
+            )
+        )
     print(f"{'score':45} {'F1':>6} {'FAR %':>7} {'MAR %':>7}")
     for name, aggregate, factor in variants:
         f1, far, mar = pooled(files, aggregate, factor)
