@@ -471,6 +471,9 @@ impl Ingest {
         let cancelled = cancel.cancelled();
         let failure = failed.cancelled();
         tokio::pin!(cancelled, failure);
+        // One stream for the whole loop: `recv()` makes a stream per message, which registers
+        // and removes a waker slot under a mutex each time.
+        let mut messages = consumer.stream();
         loop {
             tokio::select! {
                 biased;
@@ -479,13 +482,14 @@ impl Ingest {
                 _ = ticker.tick() => {
                     commit(consumer, &self.ledger, &self.assembler, &self.partitions, &self.stats, false)?;
                 }
-                message = consumer.recv() => {
-                    // A rebalance is served inside recv(): forget what was revoked before
-                    // handling anything of the new assignment.
+                message = messages.next() => {
+                    // A rebalance is served inside the stream's poll: forget what was revoked
+                    // before handling anything of the new assignment.
                     self.forget_revoked(consumer);
                     match message {
-                        Ok(message) => self.handle(&message).await?,
-                        Err(error) => tracing::warn!(%error, "Consumer error."),
+                        Some(Ok(message)) => self.handle(&message).await?,
+                        Some(Err(error)) => tracing::warn!(%error, "Consumer error."),
+                        None => anyhow::bail!("the consumer's message stream ended"),
                     }
                 }
             }
