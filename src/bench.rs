@@ -48,6 +48,8 @@ pub struct BenchOptions {
     pub latency_seconds: u64,
     /// Offered load of the latency run, readings/s; `None` is half the measured maximum.
     pub latency_rate: Option<f64>,
+    /// Runs of each throughput stage; the report keeps each stage's median run.
+    pub repeat: usize,
 }
 
 impl Default for BenchOptions {
@@ -61,6 +63,7 @@ impl Default for BenchOptions {
             brokers: None,
             latency_seconds: 10,
             latency_rate: None,
+            repeat: 1,
         }
     }
 }
@@ -76,6 +79,8 @@ pub struct StageResult {
     pub peak_rss_bytes: u64,
     /// Windows scored (full) or emitted (ingest).
     pub windows: u64,
+    /// Every run's readings/s, in the order run; this result is the median run.
+    pub runs: Vec<f64>,
 }
 
 impl StageResult {
@@ -86,6 +91,16 @@ impl StageResult {
     pub fn cpu_seconds_per_million(&self) -> f64 {
         self.cpu_seconds / self.readings as f64 * 1e6
     }
+}
+
+/// The median run by readings/s (the lower middle one of an even count), carrying every run's
+/// rate.
+fn median(mut runs: Vec<StageResult>) -> StageResult {
+    let rates: Vec<f64> = runs.iter().map(StageResult::readings_per_second).collect();
+    runs.sort_by(|a, b| a.readings_per_second().total_cmp(&b.readings_per_second()));
+    let mut middle = runs.swap_remove((runs.len() - 1) / 2);
+    middle.runs = rates;
+    middle
 }
 
 /// Latency of the full pipeline at a fixed offered load.
@@ -388,8 +403,10 @@ async fn pipeline_stage(
     scoring: Scoring,
     messages: u64,
     batch_steps: usize,
+    round: usize,
 ) -> anyhow::Result<(f64, f64, u64, u64)> {
-    let group = format!("bench-{}-{:?}", topic(kind), scoring);
+    // A group of its own per run: each run reads the topic from its beginning.
+    let group = format!("bench-{}-{:?}-{round}", topic(kind), scoring);
     let config = bench_config(client, kind, &group, batch_steps);
     let loaded = pipeline::load_model(&config)?;
     reset_peak_rss();
@@ -590,33 +607,53 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> anyhow::Resu
         (PayloadKind::Reading, singles),
         (PayloadKind::Batch, batched),
     ] {
-        progress(&format!("ceiling on {}", topic(kind)));
-        let (seconds, cpu, rss) = {
-            let client = client.clone();
-            tokio::task::spawn_blocking(move || ceiling(&client, topic(kind), messages)).await??
+        let rounds = options.repeat.max(1);
+        let round_of = |round: usize| {
+            if rounds > 1 {
+                format!(" (run {} of {rounds})", round + 1)
+            } else {
+                String::new()
+            }
         };
-        stages.push(StageResult {
-            stage: "ceiling",
-            payload: kind,
-            readings,
-            seconds,
-            cpu_seconds: cpu,
-            peak_rss_bytes: rss,
-            windows: 0,
-        });
-        for (stage, scoring) in [("ingest", Scoring::Off), ("full", Scoring::On)] {
-            progress(&format!("{stage} on {}", topic(kind)));
-            let (seconds, cpu, rss, windows) =
-                pipeline_stage(&client, kind, scoring, messages, options.batch_steps).await?;
-            stages.push(StageResult {
-                stage,
+        let mut runs = Vec::new();
+        for round in 0..rounds {
+            progress(&format!("ceiling on {}{}", topic(kind), round_of(round)));
+            let (seconds, cpu, rss) = {
+                let client = client.clone();
+                tokio::task::spawn_blocking(move || ceiling(&client, topic(kind), messages))
+                    .await??
+            };
+            runs.push(StageResult {
+                stage: "ceiling",
                 payload: kind,
                 readings,
                 seconds,
                 cpu_seconds: cpu,
                 peak_rss_bytes: rss,
-                windows,
+                windows: 0,
+                runs: Vec::new(),
             });
+        }
+        stages.push(median(runs));
+        for (stage, scoring) in [("ingest", Scoring::Off), ("full", Scoring::On)] {
+            let mut runs = Vec::new();
+            for round in 0..rounds {
+                progress(&format!("{stage} on {}{}", topic(kind), round_of(round)));
+                let (seconds, cpu, rss, windows) =
+                    pipeline_stage(&client, kind, scoring, messages, options.batch_steps, round)
+                        .await?;
+                runs.push(StageResult {
+                    stage,
+                    payload: kind,
+                    readings,
+                    seconds,
+                    cpu_seconds: cpu,
+                    peak_rss_bytes: rss,
+                    windows,
+                    runs: Vec::new(),
+                });
+            }
+            stages.push(median(runs));
         }
     }
     let latency = if options.latency_seconds > 0 {
@@ -642,6 +679,13 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> anyhow::Resu
     })
 }
 
+fn payload_name(kind: PayloadKind) -> &'static str {
+    match kind {
+        PayloadKind::Reading => "single",
+        PayloadKind::Batch => "batch",
+    }
+}
+
 /// The report as a table.
 pub fn report_text(r: &BenchReport) -> String {
     let mut out = format!(
@@ -662,10 +706,7 @@ pub fn report_text(r: &BenchReport) -> String {
             .iter()
             .find(|c| c.stage == "ceiling" && c.payload == s.payload)
             .map_or(1.0, StageResult::readings_per_second);
-        let payload = match s.payload {
-            PayloadKind::Reading => "single",
-            PayloadKind::Batch => "batch",
-        };
+        let payload = payload_name(s.payload);
         let windows = if s.windows > 0 {
             format!("{:.0}", s.windows as f64 / s.seconds.max(1e-9))
         } else {
@@ -681,6 +722,21 @@ pub fn report_text(r: &BenchReport) -> String {
             s.peak_rss_bytes / (1 << 20),
             windows
         ));
+    }
+    if r.options.repeat > 1 {
+        out.push_str(&format!(
+            "\neach row is the median of {} runs; every run's readings/s, in the order run:\n",
+            r.options.repeat
+        ));
+        for s in &r.stages {
+            let runs: Vec<String> = s.runs.iter().map(|v| format!("{v:.0}")).collect();
+            let payload = payload_name(s.payload);
+            out.push_str(&format!(
+                "  {payload:<8} {:<8} {}\n",
+                s.stage,
+                runs.join(", ")
+            ));
+        }
     }
     let (held, raw) = r.window_state_bytes;
     out.push_str(&format!(
@@ -705,4 +761,36 @@ pub fn report_text(r: &BenchReport) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(seconds: f64) -> StageResult {
+        StageResult {
+            stage: "ingest",
+            payload: PayloadKind::Reading,
+            readings: 1_000,
+            seconds,
+            cpu_seconds: seconds / 2.0,
+            peak_rss_bytes: 0,
+            windows: 0,
+            runs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_stage_reports_its_median_run_and_every_rate_in_order() {
+        let m = median(vec![run(1.0), run(4.0), run(2.0)]);
+        assert_eq!(m.seconds, 2.0, "the middle rate is 500 readings/s");
+        assert_eq!(
+            m.cpu_seconds, 1.0,
+            "the whole median run, not a mix of runs"
+        );
+        assert_eq!(m.runs, vec![1000.0, 250.0, 500.0]);
+        // An even count takes the lower of the two middle rates.
+        assert_eq!(median(vec![run(1.0), run(2.0)]).seconds, 2.0);
+        assert_eq!(median(vec![run(3.0)]).runs, vec![1000.0 / 3.0]);
+    }
 }

@@ -141,6 +141,10 @@ pub struct BenchArgs {
     /// Offered load of the latency run in readings/s (default: half the measured maximum).
     #[arg(long)]
     pub latency_rate: Option<f64>,
+    /// Runs of each throughput stage; the table shows each stage's median run. The in-process
+    /// mock cluster's delivery varies by up to 2x from run to run.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub repeat: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -521,6 +525,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 brokers: args.brokers,
                 latency_seconds: args.latency_seconds,
                 latency_rate: args.latency_rate,
+                repeat: args.repeat as usize,
             };
             let report = crate::bench::run(options, |step| eprintln!("bench: {step}...")).await?;
             print!("{}", crate::bench::report_text(&report));
