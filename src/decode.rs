@@ -202,8 +202,80 @@ pub fn validate(reading: &Reading) -> Result<(), InvalidReading> {
     Ok(())
 }
 
+/// `[assemble] max_future`: the latest event time accepted, against the wall clock. The limit
+/// last computed is kept: the clock only moves forward, so a reading under it is under the
+/// limit now too, and the clock is read again only for one that is not (about once per
+/// `max_future` in a steady stream, instead of once per message: a clock read cost a few
+/// hundred nanoseconds on a virtual machine). Should the wall clock be stepped back, readings
+/// up to that step further ahead pass until the kept limit is passed.
+#[derive(Debug, Clone)]
+pub struct FutureLimit {
+    /// 0: no limit.
+    max_ms: i64,
+    limit_ms: i64,
+}
+
+impl FutureLimit {
+    /// `max` of zero accepts any event time.
+    pub fn new(max: std::time::Duration) -> Self {
+        Self {
+            max_ms: i64::try_from(max.as_millis()).unwrap_or(i64::MAX),
+            limit_ms: i64::MIN,
+        }
+    }
+
+    /// Whether `event_time_ms` is at most `max` ahead of `now_ms()`, which is called only when
+    /// the kept limit does not already say so.
+    pub fn allows(&mut self, event_time_ms: i64, now_ms: impl FnOnce() -> i64) -> bool {
+        if self.max_ms == 0 || event_time_ms <= self.limit_ms {
+            return true;
+        }
+        self.limit_ms = now_ms().saturating_add(self.max_ms);
+        event_time_ms <= self.limit_ms
+    }
+}
+
+/// Milliseconds since the Unix epoch by the wall clock.
+pub fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_future_limit_reads_the_clock_only_past_the_limit_it_kept() {
+        use std::cell::Cell;
+        use std::time::Duration;
+        let (now, reads) = (Cell::new(1_000), Cell::new(0));
+        let clock = || {
+            reads.set(reads.get() + 1);
+            now.get()
+        };
+        let mut limit = super::FutureLimit::new(Duration::from_millis(500));
+        assert!(
+            limit.allows(1_200, clock),
+            "the first reading reads the clock"
+        );
+        assert!(limit.allows(1_500, clock) && limit.allows(900, clock));
+        assert_eq!(
+            reads.get(),
+            1,
+            "under the kept limit of 1500: no clock read"
+        );
+        assert!(!limit.allows(1_501, clock), "501 ms ahead of the clock");
+        assert_eq!(reads.get(), 2, "past the kept limit: read again");
+        now.set(2_000);
+        assert!(
+            limit.allows(2_400, clock),
+            "the clock moved on; so did the limit"
+        );
+        assert_eq!(reads.get(), 3);
+        let mut off = super::FutureLimit::new(Duration::ZERO);
+        assert!(off.allows(i64::MAX, || unreachable!("no limit, no clock")));
+    }
+
     use super::*;
     use crate::schema::{frame_confluent, write_datum};
     use apache_avro::Schema;

@@ -361,7 +361,7 @@ pub async fn run_with(
         letters: letters_tx,
         scratch: Vec::new(),
         decoded: Readings::default(),
-        max_future: config.assemble.max_future,
+        future: decode::FutureLimit::new(config.assemble.max_future),
     };
     let ingest_result = ingest
         .run(&consumer, config.source.commit_interval, &cancel, &failed)
@@ -453,7 +453,7 @@ struct Ingest {
     scratch: Vec<Window>,
     /// The last message's readings; their memory serves the next message.
     decoded: Readings,
-    max_future: Duration,
+    future: decode::FutureLimit,
 }
 
 impl Ingest {
@@ -564,8 +564,6 @@ impl Ingest {
             readings.as_slice().len(),
         );
         let batch = kind == PayloadKind::Batch;
-        // One clock read per message, not per reading.
-        let future_limit = self.future_limit_ms();
         for (index, reading) in readings.as_slice().iter().enumerate() {
             let refused = |reason: DeadLetterReason, error: String| DeadLetter {
                 reason,
@@ -586,8 +584,9 @@ impl Ingest {
                     .await?;
                 continue;
             }
-            if let Some(limit) = future_limit
-                && reading.event_time_ms > limit
+            if !self
+                .future
+                .allows(reading.event_time_ms, decode::wall_clock_ms)
             {
                 let error = format!(
                     "event time {} is more than [assemble] max_future ahead of the wall clock",
@@ -654,18 +653,6 @@ impl Ingest {
         }
         self.decoded = readings;
         Ok(())
-    }
-
-    /// The latest acceptable event time now, unless `[assemble] max_future` is "0s".
-    fn future_limit_ms(&self) -> Option<i64> {
-        let max = self.max_future;
-        if max.is_zero() {
-            return None;
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?;
-        Some((now + max).as_millis() as i64)
     }
 
     /// Sends the windows that just closed to inference, holding their offsets first.
