@@ -256,31 +256,36 @@ impl Assembler {
         features: &mut Vec<(usize, f32)>,
     ) -> Admission {
         let step = self.spec.step_of(reading.event_time_ms);
-        let partition_closed = self.partition_closed(at.partition);
-        if self.cells.len() >= self.spec.max_cells && !self.cells.contains_key(cell) {
-            return Admission::TooManyCells;
-        }
-        let mut state = self
-            .cells
-            .entry(Arc::clone(cell))
-            .or_insert_with(|| CellState {
-                nodes: Vec::new(),
-                slots: HashMap::default(),
-                latest: Vec::new(),
-                base_step: step,
-                history: History::default(),
-                closed_before: partition_closed,
-                partitions: Vec::new(),
-                last_data_step: i64::MIN,
-                first_data_step: step,
-                phase: self.spec.phase_of(cell),
-            });
+        // Looked up first: a known cell (nearly every reading) needs no key clone and no
+        // entry under the map's write lock.
+        let mut state = match self.cells.get_mut(cell) {
+            Some(state) => state,
+            None if self.cells.len() >= self.spec.max_cells => return Admission::TooManyCells,
+            None => {
+                let closed_before = self.partition_closed(at.partition);
+                self.cells
+                    .entry(Arc::clone(cell))
+                    .or_insert_with(|| CellState {
+                        nodes: Vec::new(),
+                        slots: HashMap::default(),
+                        latest: Vec::new(),
+                        base_step: step,
+                        history: History::default(),
+                        closed_before,
+                        partitions: Vec::new(),
+                        last_data_step: i64::MIN,
+                        first_data_step: step,
+                        phase: self.spec.phase_of(cell),
+                    })
+            }
+        };
+        let known_slot = state.slots.get(node).copied();
         // A numbered reading no newer than the node's newest, in sequence and in event time, is
         // a copy from an upstream replay (a restarted `gridwatch route`, a producer retry
         // without idempotence): averaging it in again would skew the step's mean, and calling
         // it late would fill the dead-letter topic with copies. A sensor that restarts its
         // numbering sends newer event times, so it is not mistaken for one.
-        if let (Some(sequence), Some(&slot)) = (reading.sequence, state.slots.get(node))
+        if let (Some(sequence), Some(slot)) = (reading.sequence, known_slot)
             && let Some((seq, time)) = state.latest[slot]
             && sequence <= seq
             && reading.event_time_ms <= time
@@ -303,8 +308,8 @@ impl Assembler {
             return Admission::NoModelChannel;
         }
         let width = self.spec.features();
-        let slot = match state.slots.get(node) {
-            Some(&slot) => slot,
+        let slot = match known_slot {
+            Some(slot) => slot,
             None if state.nodes.len() >= self.spec.max_nodes => return Admission::CellFull,
             None => {
                 let slot = state.nodes.len();
