@@ -132,8 +132,8 @@ pub struct BenchArgs {
     /// Partitions of the reading topics (the mock cluster keeps 5 MB per partition).
     #[arg(long, default_value_t = 16)]
     pub partitions: i32,
-    /// Use this broker (e.g. 127.0.0.1:9092) instead of the in-process mock cluster; tansu 0.6
-    /// fails its retention check (docs/performance.md).
+    /// Use this broker (e.g. tansu at 127.0.0.1:9092, started empty) instead of the in-process
+    /// mock cluster.
     #[arg(long)]
     pub brokers: Option<String>,
     /// Seconds of the half-load latency run (0 skips it).
