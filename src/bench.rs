@@ -697,33 +697,29 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> anyhow::Resu
                 String::new()
             }
         };
-        let mut runs = Vec::new();
-        for round in 0..rounds {
-            progress(&format!("ceiling on {}{}", topic(kind), round_of(round)));
-            let (seconds, cpu, rss) = {
-                let client = client.clone();
-                tokio::task::spawn_blocking(move || ceiling(&client, topic(kind), messages))
-                    .await??
-            };
-            runs.push(StageResult {
-                stage: "ceiling",
-                payload: kind,
-                readings,
-                seconds,
-                cpu_seconds: cpu,
-                peak_rss_bytes: rss,
-                windows: 0,
-                runs: Vec::new(),
-            });
-        }
-        stages.push(median(runs));
-        for (stage, scoring) in [("ingest", Scoring::Off), ("full", Scoring::On)] {
+        let measured = [
+            ("ceiling", None),
+            ("ingest", Some(Scoring::Off)),
+            ("full", Some(Scoring::On)),
+        ];
+        for (stage, scoring) in measured {
             let mut runs = Vec::new();
             for round in 0..rounds {
                 progress(&format!("{stage} on {}{}", topic(kind), round_of(round)));
-                let (seconds, cpu, rss, windows) =
-                    pipeline_stage(&client, kind, scoring, messages, options.batch_steps, round)
-                        .await?;
+                let (seconds, cpu, rss, windows) = match scoring {
+                    None => {
+                        let client = client.clone();
+                        let (seconds, cpu, rss) = tokio::task::spawn_blocking(move || {
+                            ceiling(&client, topic(kind), messages)
+                        })
+                        .await??;
+                        (seconds, cpu, rss, 0)
+                    }
+                    Some(scoring) => {
+                        pipeline_stage(&client, kind, scoring, messages, options.batch_steps, round)
+                            .await?
+                    }
+                };
                 runs.push(StageResult {
                     stage,
                     payload: kind,

@@ -244,16 +244,20 @@ pub fn wall_clock_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::schema::{frame_confluent, write_datum};
+    use apache_avro::Schema;
+
     #[test]
     fn the_future_limit_reads_the_clock_only_past_the_limit_it_kept() {
         use std::cell::Cell;
-        use std::time::Duration;
         let (now, reads) = (Cell::new(1_000), Cell::new(0));
         let clock = || {
             reads.set(reads.get() + 1);
             now.get()
         };
-        let mut limit = super::FutureLimit::new(Duration::from_millis(500));
+        use std::time::Duration;
+        let mut limit = FutureLimit::new(Duration::from_millis(500));
         assert!(
             limit.allows(1_200, clock),
             "the first reading reads the clock"
@@ -272,13 +276,9 @@ mod tests {
             "the clock moved on; so did the limit"
         );
         assert_eq!(reads.get(), 3);
-        let mut off = super::FutureLimit::new(Duration::ZERO);
+        let mut off = FutureLimit::new(Duration::ZERO);
         assert!(off.allows(i64::MAX, || unreachable!("no limit, no clock")));
     }
-
-    use super::*;
-    use crate::schema::{frame_confluent, write_datum};
-    use apache_avro::Schema;
 
     fn reading(node: &str, t: i64, values: &[(&str, f64)]) -> Reading {
         Reading {
