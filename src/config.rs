@@ -433,6 +433,10 @@ pub struct DetectConfig {
     /// spike that makes the window anomalous whatever its score (a glitch the model averages
     /// away or mistakes for traffic). 0 (default): off.
     pub spike_sigmas: f64,
+    /// Present: a node that leaves its usual level among its cell's nodes (a drifting or
+    /// miscalibrated sensor) makes the window anomalous whatever its score
+    /// (`src/detect/divergence.rs`). Absent (default): off.
+    pub divergence: Option<crate::detect::divergence::DivergenceConfig>,
     /// Present: consecutive anomalous windows of a cell form one incident, and only its OPEN,
     /// UPDATE and CLOSE are published (events carry `incident`). Absent (default): one event
     /// per anomalous window, `incident` null.
@@ -456,6 +460,7 @@ impl Default for DetectConfig {
             spot: SpotConfig::default(),
             flatline_steps: 0,
             spike_sigmas: 0.0,
+            divergence: None,
             incidents: None,
             score_channels: Vec::new(),
         }
@@ -723,6 +728,9 @@ impl Config {
                 self.detect.spike_sigmas
             ));
         }
+        if let Some(Err(e)) = self.detect.divergence.as_ref().map(|d| d.validate()) {
+            return invalid(format!("[detect.divergence] {e}"));
+        }
         if let Some(Err(e)) = self.detect.incidents.as_ref().map(|i| i.validate()) {
             return invalid(format!("[detect.incidents] {e}"));
         }
@@ -917,6 +925,15 @@ mod tests {
         let f = file("[detect]\nspike_sigmas = -1.0\n");
         let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
         assert!(message.contains("spike_sigmas"), "{message}");
+        let f = file("[detect.divergence]\ndeviations = 0\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(
+            message.contains("[detect.divergence] deviations"),
+            "{message}"
+        );
+        let f = file("[detect.divergence]\nmemory = \"6h\"\n");
+        let c = Config::load(Some(f.path()), []).unwrap();
+        assert_eq!(c.detect.divergence.map(|d| d.steps), Some(12));
     }
 
     #[test]

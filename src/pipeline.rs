@@ -84,6 +84,16 @@ pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
             contract.window_steps
         );
     }
+    if let Some(d) = config.detect.divergence.as_ref()
+        && d.steps > contract.window_steps
+    {
+        anyhow::bail!(
+            "[detect.divergence] steps is {}: longer than the windows of {} ({} steps)",
+            d.steps,
+            config.model.contract.display(),
+            contract.window_steps
+        );
+    }
     let spec = AssembleSpec {
         cadence_ms: contract.cadence_ms,
         window_steps: contract.window_steps,

@@ -102,6 +102,13 @@ pub fn event_json(e: &AnomalyEvent) -> String {
             "before": s.before,
             "after": s.after,
         })).collect::<Vec<_>>(),
+        "diverged": e.diverged.iter().map(|d| serde_json::json!({
+            "node_id": d.node_id,
+            "channel": d.channel,
+            "level": d.level,
+            "usual": d.usual,
+            "deviation": d.deviation,
+        })).collect::<Vec<_>>(),
     })
     .to_string()
 }

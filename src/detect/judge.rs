@@ -2,13 +2,16 @@
 //!
 //! Invariants:
 //! - Under the `static` policy a window is anomalous iff its score reaches the detector's
-//!   threshold or a sensor check found a fault (flatline, spike), and every anomalous window is
-//!   an event: exactly what the detector alone does. Under either policy such a window is
-//!   anomalous.
+//!   threshold or a sensor check found a fault (flatline, spike, or the judge's divergence
+//!   check), and every anomalous window is an event: without divergence, exactly what the
+//!   detector alone does. Under either policy such a window is anomalous.
 //! - Under the `spot` policy each cell has its own streaming peaks-over-threshold threshold
 //!   ([`Spot`]). Until the cell has one — fitted on its first `spot_init_windows` scores, or by
 //!   [`Judge::calibrate`] — the model's calibrated threshold decides. SPOT's state is this
 //!   instance's: a restart, a rebalance or a new model starts it again from the calibration.
+//! - With `[detect.divergence]` each cell keeps its nodes' baselines ([`Divergence`]), fed every
+//!   window the judge sees; a node found diverged makes the window anomalous under either
+//!   policy. That state is this instance's too.
 //! - With incidents on, an anomalous window is published only when its cell's
 //!   [`IncidentTracker`] reports a transition (OPEN, UPDATE), and the window that closes an
 //!   incident is published as its CLOSE although it is normal. Incident state is this
@@ -18,6 +21,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::divergence::Divergence;
 use super::incident::{IncidentTracker, Observation, Status, Transition};
 use super::spot::{Spot, Verdict};
 use super::{Detector, Score, severity};
@@ -41,6 +45,7 @@ struct CellThreshold {
     spot: Option<Spot>,
     /// The fit failed (too few peaks): this cell stays on the static threshold.
     failed: bool,
+    divergence: Option<Divergence>,
 }
 
 /// Thresholds per cell and incidents, for one model.
@@ -86,6 +91,12 @@ impl Judge {
         }
     }
 
+    /// Hands `cell` divergence baselines that learnt elsewhere (an offline evaluation's fit
+    /// range), instead of starting them on the cell's first window here.
+    pub fn adopt_divergence(&mut self, cell: &Arc<str>, divergence: Divergence) {
+        self.cells.entry(Arc::clone(cell)).or_default().divergence = Some(divergence);
+    }
+
     /// The threshold `cell` is judged by now.
     pub fn threshold_of(&self, cell: &str) -> f64 {
         match self.cells.get(cell).and_then(|c| c.spot.as_ref()) {
@@ -96,7 +107,14 @@ impl Judge {
 
     /// Scores `window`, decides whether it is anomalous, and what to publish.
     pub fn judge(&mut self, window: &Window, reconstruction: &[f32]) -> Judgement {
-        let score = self.detector.score(window, reconstruction);
+        let mut score = self.detector.score(window, reconstruction);
+        if let Some(config) = self.config.divergence.as_ref() {
+            let state = self.cells.entry(Arc::clone(&window.cell)).or_default();
+            let divergence = state
+                .divergence
+                .get_or_insert_with(|| self.detector.divergence(config));
+            score.diverged = divergence.observe(window);
+        }
         let (threshold, above) = match self.config.threshold_policy {
             ThresholdPolicy::Static => {
                 let t = self.detector.threshold();
@@ -104,7 +122,8 @@ impl Judge {
             }
             ThresholdPolicy::Spot => self.spot_step(&window.cell, score.score),
         };
-        // A sensor fault (flatline, spike) makes the window anomalous under either policy.
+        // A sensor fault (flatline, spike, divergence) makes the window anomalous under either
+        // policy.
         let anomalous = above || score.has_sensor_fault();
         let mut event = anomalous.then(|| self.detector.event(window, &score, threshold));
         if let Some(tracker) = self.incidents.as_mut() {
@@ -209,6 +228,40 @@ mod tests {
             holds: vec![],
             closed_at: std::time::Instant::now(),
         }
+    }
+
+    #[test]
+    fn a_diverged_node_makes_a_quiet_window_anomalous_and_its_event_names_it() {
+        use crate::detect::divergence::DivergenceConfig;
+        use std::time::Duration;
+        // Three nodes of one channel, two-step windows, a threshold no score reaches.
+        let contract =
+            crate::detect::test_support::contract("1", (2, 1, 3), &["a"], vec![1.0], 1e9);
+        let config = DetectConfig {
+            divergence: Some(DivergenceConfig {
+                deviations: 6.0,
+                steps: 2,
+                memory: Duration::from_secs(3600),
+                warmup: Duration::from_secs(60),
+            }),
+            ..DetectConfig::default()
+        };
+        let mut judge = Judge::new(Detector::new(&contract, &config), &config);
+        let window = |end_s: i64, third: f32| Window {
+            nodes: ["x", "y", "z"].into_iter().map(Arc::from).collect(),
+            values: vec![10.0, 11.0, third, 10.5, 11.5, third],
+            mask: vec![1.0; 6],
+            ..window(end_s)
+        };
+        for end_s in 2..200 {
+            let j = judge.judge(&window(end_s, 12.0 + (end_s % 3) as f32 * 0.1), &[0.0; 6]);
+            assert!(!j.anomalous, "second {end_s}");
+        }
+        let j = judge.judge(&window(200, 30.0), &[0.0; 6]);
+        assert!(j.anomalous);
+        let event = j.event.expect("an anomalous window is published");
+        assert_eq!(event.diverged.len(), 1, "{:?}", event.diverged);
+        assert_eq!(event.diverged[0].node_id, "z");
     }
 
     fn judge_scores(judge: &mut Judge, scores: &[f64]) -> Vec<Judgement> {

@@ -14,10 +14,14 @@
 //!   the same direction, is a *spike*; a window with one is anomalous whatever its score, and its
 //!   event lists them. The checked steps are the scored steps shifted one back (a spike needs
 //!   the step after it), so with the hop equal to the scored steps each step is checked once.
+//! - With `[detect.divergence]`, the [`Judge`] also flags a node that left its usual place among
+//!   its cell's nodes ([`divergence`]); that check remembers earlier windows, so it is the
+//!   judge's, not this detector's, and [`Score::diverged`] is empty here.
 //! - An event is emitted iff `score ≥ threshold`. Its id is a function of (model name, model
 //!   version, cell, window end) only, and every other field is a function of the window and the
 //!   model, so scoring the same window again yields a byte-identical event.
 
+pub mod divergence;
 pub mod incident;
 pub mod judge;
 pub mod spot;
@@ -27,7 +31,7 @@ pub use judge::{Judge, Judgement};
 use crate::assemble::Window;
 use crate::config::DetectConfig;
 use crate::infer::ModelContract;
-use crate::schema::{AnomalyEvent, Contributor, Flatline, Severity, Spike};
+use crate::schema::{AnomalyEvent, Contributor, Diverged, Flatline, Severity, Spike};
 
 /// Namespace of event ids (UUIDv5).
 const EVENT_NAMESPACE: uuid::Uuid = uuid::uuid!("6c1e8a52-3f7b-5d2e-9a41-0b7e5c3d2f10");
@@ -60,13 +64,16 @@ pub struct Score {
     pub flat: Vec<(usize, usize, f32)>,
     /// Every spike found in the checked steps.
     pub spikes: Vec<SpikeAt>,
+    /// Every node/channel the divergence check found away from its usual level, furthest first
+    /// (set by the [`Judge`]).
+    pub diverged: Vec<divergence::DivergedAt>,
 }
 
 impl Score {
-    /// Whether a sensor check found a fault (a flatline or a spike): such a window is anomalous
-    /// whatever its score.
+    /// Whether a sensor check found a fault (a flatline, a spike, a divergence): such a window
+    /// is anomalous whatever its score.
     pub fn has_sensor_fault(&self) -> bool {
-        !self.flat.is_empty() || !self.spikes.is_empty()
+        !self.flat.is_empty() || !self.spikes.is_empty() || !self.diverged.is_empty()
     }
 }
 
@@ -151,6 +158,12 @@ impl Detector {
         }
     }
 
+    /// The divergence check's state for one cell, measuring in this model's channel deviations.
+    pub fn divergence(&self, config: &divergence::DivergenceConfig) -> divergence::Divergence {
+        let std: Vec<f64> = self.normalisation.iter().map(|&(_, std)| std).collect();
+        divergence::Divergence::new(config.clone(), &std)
+    }
+
     /// The threshold in use.
     pub fn threshold(&self) -> f64 {
         self.threshold
@@ -202,6 +215,7 @@ impl Detector {
             entries,
             flat,
             spikes,
+            diverged: Vec::new(),
         }
     }
 
@@ -336,6 +350,17 @@ impl Detector {
                     value: f64::from(s.value),
                     before: f64::from(s.before),
                     after: f64::from(s.after),
+                })
+                .collect(),
+            diverged: score
+                .diverged
+                .iter()
+                .map(|d| Diverged {
+                    node_id: window.nodes[d.slot].to_string(),
+                    channel: self.channels[d.channel].clone(),
+                    level: d.level,
+                    usual: d.usual,
+                    deviation: d.deviation,
                 })
                 .collect(),
         }

@@ -29,6 +29,7 @@ use serde::Serialize;
 
 use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
 use crate::config::Config;
+use crate::detect::divergence::Divergence;
 use crate::detect::{Detector, Judge};
 use crate::infer::Model;
 use crate::infer::contract::Standardisation;
@@ -143,6 +144,8 @@ type NodeScores = Vec<(Arc<str>, f64)>;
 #[derive(Default)]
 struct CellRun {
     fit_scores: Vec<f64>,
+    /// The divergence check's baselines while the fit range plays ([detect.divergence]).
+    divergence: Option<Divergence>,
     judge: Option<Judge>,
     /// Window end → flagged.
     flagged: HashMap<i64, bool>,
@@ -270,6 +273,11 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                     let cell = cells.entry(Arc::clone(&w.cell)).or_default();
                     if w.end_ms <= fit_end_ms {
                         cell.fit_scores.push(detector.score(w, r).score);
+                        if let Some(config) = config.detect.divergence.as_ref() {
+                            cell.divergence
+                                .get_or_insert_with(|| detector.divergence(config))
+                                .observe(w);
+                        }
                         continue;
                     }
                     if cell.judge.is_none() {
@@ -284,7 +292,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                         };
                         let mut detect = config.detect.clone();
                         detect.threshold_policy = crate::config::ThresholdPolicy::Static;
-                        let judge = match options.threshold {
+                        let mut judge = match options.threshold {
                             ThresholdPolicy::Contract => Judge::new(detector.clone(), &detect),
                             ThresholdPolicy::Fit => {
                                 let t = fit_threshold(
@@ -304,6 +312,9 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                                 judge
                             }
                         };
+                        if let Some(divergence) = cell.divergence.take() {
+                            judge.adopt_divergence(&w.cell, divergence);
+                        }
                         cell.judge = Some(judge);
                     }
                     let judge = cell.judge.as_mut().expect("set above");
@@ -322,6 +333,10 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                         // it ranks above the window's largest model error.
                         let top = score.score;
                         let faulty = score.flat.iter().map(|f| f.0);
+                        // Of the diverged nodes only the furthest: one node's move can nudge
+                        // the median its neighbours are measured against.
+                        let furthest = score.diverged.first().map(|d| d.slot);
+                        let faulty = faulty.chain(furthest);
                         for slot in faulty.chain(score.spikes.iter().map(|s| s.slot)) {
                             match per_node.iter_mut().find(|(n, _)| *n == w.nodes[slot]) {
                                 Some((_, m)) => *m += top,

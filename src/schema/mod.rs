@@ -20,8 +20,8 @@ pub mod fast;
 pub mod records;
 
 pub use records::{
-    AnomalyEvent, Channel, Contributor, Flatline, Incident, IncidentStatus, Reading, Severity,
-    ShapeError, SpatialNode, Spike,
+    AnomalyEvent, Channel, Contributor, Diverged, Flatline, Incident, IncidentStatus, Reading,
+    Severity, ShapeError, SpatialNode, Spike,
 };
 
 /// Largest allocation a single Avro length prefix may ask for; a hostile payload claiming a
@@ -360,7 +360,7 @@ mod tests {
     }
 
     #[test]
-    fn events_round_trip_with_and_without_an_incident_flatlines_or_spikes() {
+    fn events_round_trip_with_and_without_an_incident_flatlines_spikes_or_divergences() {
         let codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
         let mut event = AnomalyEvent::sample("line-1", 16_000);
         for incident in [
@@ -393,6 +393,16 @@ mod tests {
             value: 80.5,
             before: 20.0,
             after: 21.5,
+        }];
+        let bytes = codec.encode(&event.to_value()).unwrap();
+        let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
+        assert_eq!(back, event);
+        event.diverged = vec![Diverged {
+            node_id: "n".into(),
+            channel: "speed".into(),
+            level: -14.5,
+            usual: 2.0,
+            deviation: 1.25,
         }];
         let bytes = codec.encode(&event.to_value()).unwrap();
         let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();

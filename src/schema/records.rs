@@ -102,6 +102,8 @@ pub struct AnomalyEvent {
     pub flatlined: Vec<Flatline>,
     /// Values that stood out from both neighbouring steps (the spike check).
     pub spikes: Vec<Spike>,
+    /// Nodes away from their usual level among their cell's nodes (the divergence check).
+    pub diverged: Vec<Diverged>,
 }
 
 #[cfg(test)]
@@ -132,6 +134,7 @@ impl AnomalyEvent {
             incident: None,
             flatlined: Vec::new(),
             spikes: Vec::new(),
+            diverged: Vec::new(),
         }
     }
 }
@@ -146,6 +149,19 @@ pub struct Spike {
     pub value: f64,
     pub before: f64,
     pub after: f64,
+}
+
+/// A node/channel pair away from its usual level among its cell's nodes, in physical units.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diverged {
+    pub node_id: String,
+    pub channel: String,
+    /// Mean over the check's last steps of the node's value minus its cell's median.
+    pub level: f64,
+    /// The level the node usually has.
+    pub usual: f64,
+    /// The usual spread of that level.
+    pub deviation: f64,
 }
 
 /// A node/channel pair that read exactly one value over the flatline check's last steps.
@@ -528,6 +544,23 @@ impl AnomalyEvent {
                         .collect(),
                 ),
             ),
+            (
+                "diverged".into(),
+                Value::Array(
+                    self.diverged
+                        .iter()
+                        .map(|d| {
+                            Value::Record(vec![
+                                ("node_id".into(), Value::String(d.node_id.clone())),
+                                ("channel".into(), Value::String(d.channel.clone())),
+                                ("level".into(), Value::Double(d.level)),
+                                ("usual".into(), Value::Double(d.usual)),
+                                ("deviation".into(), Value::Double(d.deviation)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
         ])
     }
 
@@ -626,6 +659,26 @@ impl AnomalyEvent {
                             value: double("value")?,
                             before: double("before")?,
                             after: double("after")?,
+                        })
+                    })
+                    .collect::<Result<_, ShapeError>>()?,
+            },
+            // Absent in events written before the divergence check existed.
+            diverged: match fields.get("diverged") {
+                Err(_) => Vec::new(),
+                Ok(_) => fields
+                    .array("diverged")?
+                    .iter()
+                    .map(|d| {
+                        let d = Fields::of(d, "diverged")?;
+                        let double =
+                            |name: &'static str| d.opt_double(name)?.ok_or(shape(name, "a double"));
+                        Ok(Diverged {
+                            node_id: d.string("node_id")?,
+                            channel: d.string("channel")?,
+                            level: double("level")?,
+                            usual: double("usual")?,
+                            deviation: double("deviation")?,
                         })
                     })
                     .collect::<Result<_, ShapeError>>()?,
