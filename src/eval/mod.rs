@@ -135,6 +135,20 @@ pub struct Attribution {
     pub ranges: u64,
     pub top1: u64,
     pub top1_share: f64,
+    /// Found ranges where at least one flagged window inside names the faulted node first:
+    /// found because of that node, not only because another node of its cell was flagged.
+    pub named: u64,
+    /// Per labelled kind: (found ranges, of them named).
+    pub named_by_kind: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+/// A labelled range of one node, placed on the track of that node's cell.
+struct SingleNodeRange {
+    track: usize,
+    node: String,
+    kind: String,
+    start_ms: i64,
+    end_ms: i64,
 }
 
 /// Per node, its largest `e[n,c]` in one window.
@@ -215,7 +229,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
     };
     let mut tracks: Vec<Track> = Vec::new();
     let mut labelled: Vec<LabelledRange> = Vec::new();
-    let mut single_node: Vec<(usize, String, i64, i64)> = Vec::new();
+    let mut single_node: Vec<SingleNodeRange> = Vec::new();
     let mut baseline_last: Vec<Vec<bool>> = Vec::new();
     let mut track_cells: Vec<(usize, Arc<str>)> = Vec::new();
     let mut thresholds = Vec::new();
@@ -461,7 +475,13 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                 continue;
             }
             if let [node] = r.nodes.as_slice() {
-                single_node.push((on[0], node.clone(), start, r.end_ms));
+                single_node.push(SingleNodeRange {
+                    track: on[0],
+                    node: node.clone(),
+                    kind: r.kind.clone(),
+                    start_ms: start,
+                    end_ms: r.end_ms,
+                });
             }
             labelled.push(LabelledRange {
                 start_ms: start,
@@ -719,21 +739,27 @@ fn last_value_flags(
 fn attribution(
     track_cells: &[(usize, Arc<str>)],
     runs: &[HashMap<Arc<str>, CellRun>],
-    single_node: &[(usize, String, i64, i64)],
+    single_node: &[SingleNodeRange],
     cadence_ms: i64,
 ) -> Attribution {
     let mut a = Attribution::default();
-    for (ti, node, start, end) in single_node {
-        let (si, cell) = &track_cells[*ti];
+    for range in single_node {
+        let (node, start, end) = (&range.node, &range.start_ms, &range.end_ms);
+        let (si, cell) = &track_cells[range.track];
         let Some(run) = runs[*si].get(cell) else {
             continue;
         };
         let mut totals: NodeScores = Vec::new();
+        let mut named = false;
         for (window_end, per_node) in &run.attributions {
             let step = window_end - cadence_ms;
             if step < *start || step >= *end {
                 continue;
             }
+            let first = per_node
+                .iter()
+                .max_by(|x, y| x.1.total_cmp(&y.1).then(y.0.cmp(&x.0)));
+            named |= first.is_some_and(|(n, _)| &**n == node.as_str());
             for (n, e) in per_node {
                 match totals.iter_mut().find(|(m, _)| m == n) {
                     Some((_, t)) => *t += e,
@@ -745,6 +771,12 @@ fn attribution(
             continue; // not found
         }
         a.ranges += 1;
+        let kind = a.named_by_kind.entry(range.kind.clone()).or_default();
+        kind.0 += 1;
+        if named {
+            a.named += 1;
+            kind.1 += 1;
+        }
         totals.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
         if &*totals[0].0 == node.as_str() {
             a.top1 += 1;
@@ -848,6 +880,18 @@ pub fn report_text(r: &Report) -> String {
             a.ranges,
             100.0 * a.top1_share
         );
+        let kinds: Vec<String> = a
+            .named_by_kind
+            .iter()
+            .map(|(k, (found, named))| format!("{k} {named}/{found}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "named first by a flagged window inside the range in {} of {} ({})",
+            a.named,
+            a.ranges,
+            kinds.join(", ")
+        );
     }
     let _ = writeln!(out, "\n({:.1} s)", r.elapsed_s);
     out
@@ -856,6 +900,44 @@ pub fn report_text(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attribution_ranks_by_summed_errors_and_counts_windows_that_name_the_node() {
+        const CAD: i64 = 300_000;
+        let cell: Arc<str> = Arc::from("c");
+        let scores = |a: f64, b: f64| vec![(Arc::from("a"), a), (Arc::from("b"), b)];
+        // Window ends; a window's flagged step is the one before its end.
+        let run = CellRun {
+            attributions: vec![
+                (2 * CAD, scores(1.0, 3.0)),
+                (3 * CAD, scores(4.0, 0.0)),
+                (5 * CAD, scores(1.0, 2.0)),
+                (6 * CAD, scores(2.0, 0.5)),
+            ],
+            ..CellRun::default()
+        };
+        let runs = vec![HashMap::from([(Arc::clone(&cell), run)])];
+        let range = |node: &str, kind: &str, from: i64, to: i64| SingleNodeRange {
+            track: 0,
+            node: node.into(),
+            kind: kind.into(),
+            start_ms: from * CAD,
+            end_ms: to * CAD,
+        };
+        let ranges = [
+            // a: summed 5 against b's 3, and first in the second window.
+            range("a", "drift", 1, 3),
+            // b: summed 2.5 against a's 3, but first in the window ending at 5.
+            range("b", "stuck", 4, 6),
+            // Nothing flagged inside: not found, not counted.
+            range("b", "stuck", 10, 12),
+        ];
+        let a = attribution(&[(0, cell)], &runs, &ranges, CAD);
+        assert_eq!((a.ranges, a.top1, a.named), (2, 1, 2));
+        assert_eq!(a.top1_share, 0.5);
+        assert_eq!(a.named_by_kind["drift"], (1, 1));
+        assert_eq!(a.named_by_kind["stuck"], (1, 1));
+    }
 
     #[test]
     fn fit_threshold_interpolates_like_numpy() {
