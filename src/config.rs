@@ -391,7 +391,8 @@ pub enum ExecutionProvider {
 pub struct InferConfig {
     /// Most windows in one inference call.
     pub max_batch: usize,
-    /// Longest a ready window waits for others to fill a batch.
+    /// Longest a window that finds no others waiting (inference idle) waits for company; a
+    /// batch that finds windows already queued runs at once.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
 }

@@ -6,6 +6,8 @@
 //! - Windows of different node counts share a batch by padding the node axis; padded nodes have
 //!   `node_mask = 0` and zero mask, and their outputs are discarded. Every window that enters
 //!   [`run_batches`] comes out exactly once, with its reconstruction, in arrival order.
+//! - A batch takes every window already queued, up to `max_batch`, and runs at once; only a
+//!   window that arrives to an idle, empty queue waits up to `max_wait` for others.
 //! - One worker owns the session (`Session::run` takes `&mut self`); inference runs on the
 //!   blocking pool, never on an async worker thread.
 
@@ -347,11 +349,21 @@ pub async fn run_batches(
             },
         };
         let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + max_wait;
         while batch.len() < max_batch {
-            match tokio::time::timeout_at(deadline, input.recv()).await {
-                Ok(Some(window)) => batch.push(window),
-                Ok(None) | Err(_) => break,
+            match input.try_recv() {
+                Ok(window) => batch.push(window),
+                Err(_) => break,
+            }
+        }
+        // Windows were already waiting: the runtime is behind, and more will queue while this
+        // batch runs, so it goes at once. A lone window waits up to `max_wait` for company.
+        if batch.len() == 1 {
+            let deadline = tokio::time::Instant::now() + max_wait;
+            while batch.len() < max_batch {
+                match tokio::time::timeout_at(deadline, input.recv()).await {
+                    Ok(Some(window)) => batch.push(window),
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         let (returned, batch, result, seconds) = tokio::task::spawn_blocking(move || {
