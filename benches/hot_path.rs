@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the per-reading path: Avro decoding (the direct decoder against
-//! apache-avro's generic path), bucketing into the tensor, and window extraction.
+//! apache-avro's generic path), bucketing into the tensor, window extraction, and the
+//! divergence check's per-window work (off by default).
 //!
 //! `cargo bench --bench hot_path`; figures in docs/performance.md.
 
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use gridwatch::assemble::{AssembleSpec, Assembler, Provenance};
 use gridwatch::decode::{Decoder, PayloadKind};
+use gridwatch::detect::divergence::{Divergence, DivergenceConfig};
 use gridwatch::schema::fast::Readings;
 use gridwatch::schema::{
     Reading, RecordKind, SchemaIds, WireFormat, read_datum, records, write_datum,
@@ -140,5 +142,40 @@ fn assemble(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, assemble);
+fn divergence(c: &mut Criterion) {
+    let mut group = c.benchmark_group("divergence");
+    let (cells, nodes) = (64, 8);
+    let data = readings(cells, nodes, 64);
+    let mut assembler = Assembler::new(spec());
+    let mut windows = Vec::new();
+    for (i, (cell, r)) in data.iter().enumerate() {
+        let at = Provenance {
+            partition: 0,
+            offset: i as i64,
+        };
+        let node: Arc<str> = Arc::from(r.node_id.as_str());
+        assembler.add(&Arc::from(cell.as_str()), &node, r, at, &mut windows);
+    }
+    let config = DivergenceConfig {
+        warmup: std::time::Duration::ZERO,
+        ..DivergenceConfig::default()
+    };
+    let channels = spec().channels.len();
+    group.throughput(Throughput::Elements(windows.len() as u64));
+    group.bench_function(
+        BenchmarkId::new("windows", format!("{cells}x{nodes}")),
+        |b| {
+            b.iter(|| {
+                // One check sees every cell's windows (its baselines are keyed by node): the same
+                // work per window as one check per cell.
+                let mut check = Divergence::new(config.clone(), &vec![1.0; channels]);
+                let found: usize = windows.iter().map(|w| check.observe(w).len()).sum();
+                black_box(found)
+            })
+        },
+    );
+    group.finish();
+}
+
+criterion_group!(benches, decode, assemble, divergence);
 criterion_main!(benches);
