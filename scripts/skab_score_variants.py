@@ -106,6 +106,11 @@ def main():
         i = np.arange(1, len(scores) + 1)
         return (c[i] - c[np.maximum(i - k, 0)]) / np.minimum(i, k)
 
+    def held(scores, k):
+        # Max of the last k windows' scores: a window flags while any of the last k crossed
+        # (an alarm held for k - 1 windows after its last crossing, like incidents' close_after).
+        return np.array([scores[max(i - k + 1, 0) : i + 1].max() for i in range(len(scores))])
+
     variants = [
         ("max over channels (the contract)", lambda e, f: e.max(1), 4 / 3),
         ("mean over channels", lambda e, f: e.mean(1), 4 / 3),
@@ -134,6 +139,21 @@ def main():
                 f"max, mean of last {k}",
                 lambda e, f, k=k: smoothed(e.max(1), k),
                 4 / 3,
+            )
+        )
+    for k in (6, 21):
+        variants.append(
+            (
+                f"max without temperatures, held {k - 1} windows",
+                lambda e, f, k=k: held(e[:, no_temps].max(1), k),
+                4 / 3,
+            )
+        )
+        variants.append(
+            (
+                f"max without temperatures, held {k - 1}, factor 2",
+                lambda e, f, k=k: held(e[:, no_temps].max(1), k),
+                2.0,
             )
         )
     print(f"{'score':45} {'F1':>6} {'FAR %':>7} {'MAR %':>7}")
