@@ -761,7 +761,7 @@ async fn publish_events(
                 for Inferred { window, reconstruction, model } in batch {
                     // Each window is judged by the model that scored it.
                     if !judge.detector().is_for(&model) {
-                        judge = Judge::new(Detector::new(&model, &detect), &detect);
+                        judge = judge.for_model(Detector::new(&model, &detect));
                     }
                     let Judgement { score, event, .. } = judge.judge(&window, &reconstruction);
                     telemetry::window_scored(&stats, score.score, window.closed_at.elapsed().as_secs_f64());

@@ -21,8 +21,9 @@
 //!   sensor moved or recalibrated for good is reported for `memory`, then accepted).
 //! - Windows must reach a cell in time order; one that does not end after the last one seen
 //!   is judged but does not move the baseline (a replay after a restart).
-//! - State is this instance's, like SPOT's: a restart, a rebalance or a new model starts every
-//!   baseline again, and the check is blind for `warmup`.
+//! - State is this instance's, like SPOT's: a restart or a rebalance starts every baseline
+//!   again, and the check is blind for `warmup`. A new model keeps them (they compare sensors
+//!   with each other, not with a model; see [`crate::detect::Judge::for_model`]).
 
 use std::collections::HashMap;
 use std::fmt;

@@ -11,7 +11,8 @@
 //!   instance's: a restart, a rebalance or a new model starts it again from the calibration.
 //! - With `[detect.divergence]` each cell keeps its nodes' baselines ([`Divergence`]), fed every
 //!   window the judge sees; a node found diverged makes the window anomalous under either
-//!   policy. That state is this instance's too.
+//!   policy. That state is this instance's too, but a judge for a new model takes it over
+//!   ([`Judge::for_model`]): it does not depend on the model.
 //! - With incidents on, an anomalous window is published only when its cell's
 //!   [`IncidentTracker`] reports a transition (OPEN, UPDATE), and the window that closes an
 //!   incident is published as its CLOSE although it is normal. Incident state is this
@@ -89,6 +90,19 @@ impl Judge {
                 Err(e.to_string())
             }
         }
+    }
+
+    /// The judge for another model (a hot reload): thresholds and incidents start again, since
+    /// they are the old model's scores; the divergence baselines carry over, since they compare
+    /// sensors with each other (their floors stay the old contract's channel deviations).
+    pub fn for_model(self, detector: Detector) -> Self {
+        let mut next = Judge::new(detector, &self.config);
+        for (cell, state) in self.cells {
+            if let Some(divergence) = state.divergence {
+                next.adopt_divergence(&cell, divergence);
+            }
+        }
+        next
     }
 
     /// Hands `cell` divergence baselines that learnt elsewhere (an offline evaluation's fit
@@ -228,6 +242,38 @@ mod tests {
             holds: vec![],
             closed_at: std::time::Instant::now(),
         }
+    }
+
+    #[test]
+    fn a_new_model_keeps_the_divergence_baselines() {
+        use crate::detect::divergence::DivergenceConfig;
+        use std::time::Duration;
+        let config = DetectConfig {
+            divergence: Some(DivergenceConfig {
+                warmup: Duration::from_secs(60),
+                ..DivergenceConfig::default()
+            }),
+            ..DetectConfig::default()
+        };
+        let contract = |version| {
+            crate::detect::test_support::contract(version, (2, 1, 3), &["a"], vec![1.0], 1e9)
+        };
+        let window = |end_s: i64, third: f32| Window {
+            nodes: ["x", "y", "z"].into_iter().map(Arc::from).collect(),
+            values: vec![10.0, 11.0, third, 10.5, 11.5, third],
+            mask: vec![1.0; 6],
+            ..window(end_s)
+        };
+        let mut judge = Judge::new(Detector::new(&contract("1"), &config), &config);
+        for end_s in 2..200 {
+            judge.judge(&window(end_s, 12.0 + (end_s % 3) as f32 * 0.1), &[0.0; 6]);
+        }
+        // Right after the swap the new model's judge still knows where z usually is.
+        let mut judge = judge.for_model(Detector::new(&contract("2"), &config));
+        assert!(judge.judge(&window(200, 30.0), &[0.0; 6]).anomalous);
+        // A judge that started over would still be learning.
+        let mut fresh = Judge::new(Detector::new(&contract("2"), &config), &config);
+        assert!(!fresh.judge(&window(200, 30.0), &[0.0; 6]).anomalous);
     }
 
     #[test]
