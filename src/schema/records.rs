@@ -278,11 +278,30 @@ impl<'a> Fields<'a> {
         }
     }
 
+    fn double(&self, name: &'static str) -> Result<f64, ShapeError> {
+        self.opt_double(name)?.ok_or(shape(name, "a double"))
+    }
+
     fn array(&self, name: &'static str) -> Result<&'a [Value], ShapeError> {
         match self.get(name)? {
             Value::Array(items) => Ok(items),
             _ => Err(shape(name, "an array")),
         }
+    }
+
+    /// The records of array `name`, each read by `read`; none when the field is absent.
+    fn records_or_empty<T>(
+        &self,
+        name: &'static str,
+        read: impl Fn(&Fields<'a>) -> Result<T, ShapeError>,
+    ) -> Result<Vec<T>, ShapeError> {
+        if self.get(name).is_err() {
+            return Ok(Vec::new());
+        }
+        self.array(name)?
+            .iter()
+            .map(|item| read(&Fields::of(item, name)?))
+            .collect()
     }
 }
 
@@ -573,7 +592,6 @@ impl AnomalyEvent {
                 .ok_or(shape("severity", "a known severity"))?,
             _ => return Err(shape("severity", "an enum")),
         };
-        let double = |name: &'static str| fields.opt_double(name)?.ok_or(shape(name, "a double"));
         let contributors = fields
             .array("contributors")?
             .iter()
@@ -582,8 +600,8 @@ impl AnomalyEvent {
                 Ok(Contributor {
                     node_id: c.string("node_id")?,
                     channel: c.string("channel")?,
-                    share: c.opt_double("share")?.ok_or(shape("share", "a double"))?,
-                    score: c.opt_double("score")?.ok_or(shape("score", "a double"))?,
+                    share: c.double("share")?,
+                    score: c.double("score")?,
                 })
             })
             .collect::<Result<_, ShapeError>>()?;
@@ -593,14 +611,14 @@ impl AnomalyEvent {
             window_start_ms: fields.long("window_start")?,
             window_end_ms: fields.long("window_end")?,
             detected_at_ms: fields.long("detected_at")?,
-            score: double("score")?,
-            threshold: double("threshold")?,
+            score: fields.double("score")?,
+            threshold: fields.double("threshold")?,
             severity,
             contributors,
             model_name: fields.string("model_name")?,
             model_version: fields.string("model_version")?,
             model_hash: fields.string("model_hash")?,
-            missing_fraction: double("missing_fraction")?,
+            missing_fraction: fields.double("missing_fraction")?,
             node_count: i32::try_from(fields.long("node_count")?)
                 .map_err(|_| shape("node_count", "an int"))?,
             incident: match fields.get("incident") {
@@ -620,69 +638,37 @@ impl AnomalyEvent {
                         opened_at_ms: i.long("opened_at")?,
                         windows: i32::try_from(i.long("windows")?)
                             .map_err(|_| shape("windows", "an int"))?,
-                        peak_score: i
-                            .opt_double("peak_score")?
-                            .ok_or(shape("peak_score", "a double"))?,
+                        peak_score: i.double("peak_score")?,
                     })
                 }
             },
-            // Absent in events written before the flatline check existed.
-            flatlined: match fields.get("flatlined") {
-                Err(_) => Vec::new(),
-                Ok(_) => fields
-                    .array("flatlined")?
-                    .iter()
-                    .map(|f| {
-                        let f = Fields::of(f, "flatlined")?;
-                        Ok(Flatline {
-                            node_id: f.string("node_id")?,
-                            channel: f.string("channel")?,
-                            value: f.opt_double("value")?.ok_or(shape("value", "a double"))?,
-                        })
-                    })
-                    .collect::<Result<_, ShapeError>>()?,
-            },
-            // Absent in events written before the spike check existed.
-            spikes: match fields.get("spikes") {
-                Err(_) => Vec::new(),
-                Ok(_) => fields
-                    .array("spikes")?
-                    .iter()
-                    .map(|s| {
-                        let s = Fields::of(s, "spikes")?;
-                        let double =
-                            |name: &'static str| s.opt_double(name)?.ok_or(shape(name, "a double"));
-                        Ok(Spike {
-                            node_id: s.string("node_id")?,
-                            channel: s.string("channel")?,
-                            at_ms: s.long("at")?,
-                            value: double("value")?,
-                            before: double("before")?,
-                            after: double("after")?,
-                        })
-                    })
-                    .collect::<Result<_, ShapeError>>()?,
-            },
-            // Absent in events written before the divergence check existed.
-            diverged: match fields.get("diverged") {
-                Err(_) => Vec::new(),
-                Ok(_) => fields
-                    .array("diverged")?
-                    .iter()
-                    .map(|d| {
-                        let d = Fields::of(d, "diverged")?;
-                        let double =
-                            |name: &'static str| d.opt_double(name)?.ok_or(shape(name, "a double"));
-                        Ok(Diverged {
-                            node_id: d.string("node_id")?,
-                            channel: d.string("channel")?,
-                            level: double("level")?,
-                            usual: double("usual")?,
-                            deviation: double("deviation")?,
-                        })
-                    })
-                    .collect::<Result<_, ShapeError>>()?,
-            },
+            // Each absent in events written before its check existed.
+            flatlined: fields.records_or_empty("flatlined", |f| {
+                Ok(Flatline {
+                    node_id: f.string("node_id")?,
+                    channel: f.string("channel")?,
+                    value: f.double("value")?,
+                })
+            })?,
+            spikes: fields.records_or_empty("spikes", |s| {
+                Ok(Spike {
+                    node_id: s.string("node_id")?,
+                    channel: s.string("channel")?,
+                    at_ms: s.long("at")?,
+                    value: s.double("value")?,
+                    before: s.double("before")?,
+                    after: s.double("after")?,
+                })
+            })?,
+            diverged: fields.records_or_empty("diverged", |d| {
+                Ok(Diverged {
+                    node_id: d.string("node_id")?,
+                    channel: d.string("channel")?,
+                    level: d.double("level")?,
+                    usual: d.double("usual")?,
+                    deviation: d.double("deviation")?,
+                })
+            })?,
         })
     }
 }
