@@ -26,12 +26,12 @@
 //!   with each other, not with a model; see [`crate::detect::Judge::for_model`]).
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::SettingError;
 use crate::assemble::Window;
 
 /// Smallest baseline deviation, as a share of the channel's standard deviation: a node that
@@ -89,37 +89,23 @@ impl Default for DivergenceConfig {
 
 impl DivergenceConfig {
     /// Refuses a non-positive `deviations`, `steps` or `memory`.
-    pub fn validate(&self) -> Result<(), DivergenceConfigError> {
+    pub fn validate(&self) -> Result<(), SettingError> {
         if !(self.deviations.is_finite() && self.deviations > 0.0) {
-            return Err(DivergenceConfigError(
+            return Err(SettingError(
                 "deviations must be a positive number of baseline deviations",
             ));
         }
         if self.steps == 0 {
-            return Err(DivergenceConfigError(
-                "steps is 0: a level needs at least 1 step",
-            ));
+            return Err(SettingError("steps is 0: a level needs at least 1 step"));
         }
         if self.memory.is_zero() {
-            return Err(DivergenceConfigError(
+            return Err(SettingError(
                 "memory is 0s: a baseline must remember something",
             ));
         }
         Ok(())
     }
 }
-
-/// A [`DivergenceConfig`] that [`DivergenceConfig::validate`] refused, with the reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DivergenceConfigError(&'static str);
-
-impl fmt::Display for DivergenceConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0)
-    }
-}
-
-impl std::error::Error for DivergenceConfigError {}
 
 /// A node/channel whose level left its baseline, in the channel's physical units.
 #[derive(Debug, Clone, Copy, PartialEq)]

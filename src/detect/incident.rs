@@ -25,10 +25,11 @@
 //!   transitions are a function of the windows observed.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use super::SettingError;
 
 /// Namespace of incident ids (UUIDv5).
 const INCIDENT_NAMESPACE: uuid::Uuid = uuid::uuid!("b3d85f0e-2c49-5e17-8a6d-41f9c07e2a93");
@@ -80,32 +81,20 @@ impl Default for IncidentConfig {
 
 impl IncidentConfig {
     /// Refuses 0 for `open_after` and `close_after`.
-    pub fn validate(&self) -> Result<(), IncidentConfigError> {
+    pub fn validate(&self) -> Result<(), SettingError> {
         if self.open_after == 0 {
-            return Err(IncidentConfigError(
+            return Err(SettingError(
                 "incident open_after is 0: an incident opens after at least 1 anomalous window",
             ));
         }
         if self.close_after == 0 {
-            return Err(IncidentConfigError(
+            return Err(SettingError(
                 "incident close_after is 0: an incident closes after at least 1 normal window",
             ));
         }
         Ok(())
     }
 }
-
-/// An [`IncidentConfig`] that [`IncidentConfig::validate`] refused, with the reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IncidentConfigError(&'static str);
-
-impl fmt::Display for IncidentConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0)
-    }
-}
-
-impl std::error::Error for IncidentConfigError {}
 
 /// What a transition says about its incident.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -237,10 +226,7 @@ pub struct IncidentTracker {
 
 impl IncidentTracker {
     /// A tracker with no state; `scope` (for example the model name) goes into every id.
-    pub fn new(
-        config: IncidentConfig,
-        scope: impl Into<String>,
-    ) -> Result<Self, IncidentConfigError> {
+    pub fn new(config: IncidentConfig, scope: impl Into<String>) -> Result<Self, SettingError> {
         config.validate()?;
         Ok(Self {
             config,

@@ -33,6 +33,19 @@ use crate::config::DetectConfig;
 use crate::infer::ModelContract;
 use crate::schema::{AnomalyEvent, Contributor, Diverged, Flatline, Severity, Spike};
 
+/// A detection setting (`[detect.incidents]`, `[detect.divergence]`) that its `validate`
+/// refused, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingError(&'static str);
+
+impl std::fmt::Display for SettingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for SettingError {}
+
 /// Namespace of event ids (UUIDv5).
 const EVENT_NAMESPACE: uuid::Uuid = uuid::uuid!("6c1e8a52-3f7b-5d2e-9a41-0b7e5c3d2f10");
 
