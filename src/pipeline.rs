@@ -76,23 +76,26 @@ pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
             config.model.contract.display()
         );
     }
-    if config.detect.flatline_steps > contract.window_steps {
-        anyhow::bail!(
-            "[detect] flatline_steps is {}: longer than the windows of {} ({} steps)",
-            config.detect.flatline_steps,
-            config.model.contract.display(),
-            contract.window_steps
-        );
-    }
-    if let Some(d) = config.detect.divergence.as_ref()
-        && d.steps > contract.window_steps
-    {
-        anyhow::bail!(
-            "[detect.divergence] steps is {}: longer than the windows of {} ({} steps)",
-            d.steps,
-            config.model.contract.display(),
-            contract.window_steps
-        );
+    let step_settings = [
+        (
+            "[detect] flatline_steps",
+            Some(config.detect.flatline_steps),
+        ),
+        (
+            "[detect.divergence] steps",
+            config.detect.divergence.as_ref().map(|d| d.steps),
+        ),
+    ];
+    for (setting, steps) in step_settings {
+        if let Some(steps) = steps
+            && steps > contract.window_steps
+        {
+            anyhow::bail!(
+                "{setting} is {steps}: longer than the windows of {} ({} steps)",
+                config.model.contract.display(),
+                contract.window_steps
+            );
+        }
     }
     let spec = AssembleSpec {
         cadence_ms: contract.cadence_ms,

@@ -244,46 +244,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_new_model_keeps_the_divergence_baselines() {
+    /// The divergence check on: 6 deviations over both steps of a window, after a minute.
+    fn divergence_config() -> DetectConfig {
         use crate::detect::divergence::DivergenceConfig;
         use std::time::Duration;
-        let config = DetectConfig {
-            divergence: Some(DivergenceConfig {
-                warmup: Duration::from_secs(60),
-                ..DivergenceConfig::default()
-            }),
-            ..DetectConfig::default()
-        };
-        let contract = |version| {
-            crate::detect::test_support::contract(version, (2, 1, 3), &["a"], vec![1.0], 1e9)
-        };
-        let window = |end_s: i64, third: f32| Window {
-            nodes: ["x", "y", "z"].into_iter().map(Arc::from).collect(),
-            values: vec![10.0, 11.0, third, 10.5, 11.5, third],
-            mask: vec![1.0; 6],
-            ..window(end_s)
-        };
-        let mut judge = Judge::new(Detector::new(&contract("1"), &config), &config);
-        for end_s in 2..200 {
-            judge.judge(&window(end_s, 12.0 + (end_s % 3) as f32 * 0.1), &[0.0; 6]);
-        }
-        // Right after the swap the new model's judge still knows where z usually is.
-        let mut judge = judge.for_model(Detector::new(&contract("2"), &config));
-        assert!(judge.judge(&window(200, 30.0), &[0.0; 6]).anomalous);
-        // A judge that started over would still be learning.
-        let mut fresh = Judge::new(Detector::new(&contract("2"), &config), &config);
-        assert!(!fresh.judge(&window(200, 30.0), &[0.0; 6]).anomalous);
-    }
-
-    #[test]
-    fn a_diverged_node_makes_a_quiet_window_anomalous_and_its_event_names_it() {
-        use crate::detect::divergence::DivergenceConfig;
-        use std::time::Duration;
-        // Three nodes of one channel, two-step windows, a threshold no score reaches.
-        let contract =
-            crate::detect::test_support::contract("1", (2, 1, 3), &["a"], vec![1.0], 1e9);
-        let config = DetectConfig {
+        DetectConfig {
             divergence: Some(DivergenceConfig {
                 deviations: 6.0,
                 steps: 2,
@@ -291,19 +256,55 @@ mod tests {
                 warmup: Duration::from_secs(60),
             }),
             ..DetectConfig::default()
-        };
-        let mut judge = Judge::new(Detector::new(&contract, &config), &config);
-        let window = |end_s: i64, third: f32| Window {
+        }
+    }
+
+    /// Three nodes of one channel, two-step windows, a threshold no score reaches.
+    fn three_node_detector(version: &str, config: &DetectConfig) -> Detector {
+        let contract =
+            crate::detect::test_support::contract(version, (2, 1, 3), &["a"], vec![1.0], 1e9);
+        Detector::new(&contract, config)
+    }
+
+    /// The window of nodes x, y and z ending at second `end_s`: x and y steady, z at `z`.
+    fn three_nodes(end_s: i64, z: f32) -> Window {
+        Window {
             nodes: ["x", "y", "z"].into_iter().map(Arc::from).collect(),
-            values: vec![10.0, 11.0, third, 10.5, 11.5, third],
+            values: vec![10.0, 11.0, z, 10.5, 11.5, z],
             mask: vec![1.0; 6],
             ..window(end_s)
-        };
+        }
+    }
+
+    /// Where z usually reads: about 12.
+    fn usual_z(end_s: i64) -> f32 {
+        12.0 + (end_s % 3) as f32 * 0.1
+    }
+
+    #[test]
+    fn a_new_model_keeps_the_divergence_baselines() {
+        let config = divergence_config();
+        let mut judge = Judge::new(three_node_detector("1", &config), &config);
         for end_s in 2..200 {
-            let j = judge.judge(&window(end_s, 12.0 + (end_s % 3) as f32 * 0.1), &[0.0; 6]);
+            judge.judge(&three_nodes(end_s, usual_z(end_s)), &[0.0; 6]);
+        }
+        // Right after the swap the new model's judge still knows where z usually is.
+        let mut judge = judge.for_model(three_node_detector("2", &config));
+        assert!(judge.judge(&three_nodes(200, 30.0), &[0.0; 6]).anomalous);
+        // A judge that started over would still be learning.
+        let mut fresh = Judge::new(three_node_detector("2", &config), &config);
+        assert!(!fresh.judge(&three_nodes(200, 30.0), &[0.0; 6]).anomalous);
+    }
+
+    #[test]
+    fn a_diverged_node_makes_a_quiet_window_anomalous_and_its_event_names_it() {
+        let config = divergence_config();
+        let mut judge = Judge::new(three_node_detector("1", &config), &config);
+        for end_s in 2..200 {
+            let j = judge.judge(&three_nodes(end_s, usual_z(end_s)), &[0.0; 6]);
             assert!(!j.anomalous, "second {end_s}");
         }
-        let j = judge.judge(&window(200, 30.0), &[0.0; 6]);
+        let j = judge.judge(&three_nodes(200, 30.0), &[0.0; 6]);
         assert!(j.anomalous);
         let event = j.event.expect("an anomalous window is published");
         assert_eq!(event.diverged.len(), 1, "{:?}", event.diverged);
