@@ -751,6 +751,7 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(Some(file), env_vars())?;
     let (contract, onnx) = ModelContract::load(&config.model.contract)
         .map_err(|e| anyhow::anyhow!("[model] contract: {e}"))?;
+    pipeline::detector_for(&config, &contract)?;
     pipeline::decoder(&config)?;
     println!(
         "{}: valid; model {} ({}), {} reading topic(s), events to `{}`, dead letters to `{}`",

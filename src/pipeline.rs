@@ -30,7 +30,7 @@ use crate::config::{BadInputPolicy, ClientRole, Config, DetectConfig, TopicConfi
 use crate::decode::{self, Decoder, PayloadKind};
 use crate::detect::{Detector, Judge, Judgement};
 use crate::infer::contract::Standardisation;
-use crate::infer::{self, Inferred, Model};
+use crate::infer::{self, Inferred, Model, ModelContract};
 use crate::registry::Registry;
 use crate::schema::fast::Readings;
 use crate::schema::{self, DeadLetterReason, RecordKind, SchemaIds};
@@ -64,10 +64,10 @@ pub struct Loaded {
     pub detector: Detector,
 }
 
-/// Loads the configured model and derives the assembler's spec and the detector from it.
-pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
-    let model = Model::load(&config.model.contract, &config.model)?;
-    let contract = &model.contract;
+/// The detector `config` asks for with the model `contract` describes, after checking that the
+/// two fit: a streamable standardisation, step settings within the model's windows, scored
+/// channels the model has. `gridwatch check-config` runs it without loading the model.
+pub fn detector_for(config: &Config, contract: &ModelContract) -> anyhow::Result<Detector> {
     if contract.standardisation == Standardisation::PerSeriesFit {
         anyhow::bail!(
             "{}: the model expects every series standardised with its own fit-range statistics \
@@ -97,6 +97,14 @@ pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
             );
         }
     }
+    Detector::try_new(contract, &config.detect).map_err(anyhow::Error::msg)
+}
+
+/// Loads the configured model and derives the assembler's spec and the detector from it.
+pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
+    let model = Model::load(&config.model.contract, &config.model)?;
+    let contract = &model.contract;
+    let detector = detector_for(config, contract)?;
     let spec = AssembleSpec {
         cadence_ms: contract.cadence_ms,
         window_steps: contract.window_steps,
@@ -109,7 +117,6 @@ pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
         max_cells: config.assemble.max_cells,
         idle_cell_ms: config.assemble.idle_cell_timeout.as_millis() as i64,
     };
-    let detector = Detector::try_new(contract, &config.detect).map_err(anyhow::Error::msg)?;
     Ok(Loaded {
         model,
         spec,
@@ -833,4 +840,39 @@ async fn publish_dead_letters(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_that_do_not_fit_the_model_are_refused_before_it_is_loaded() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/plant-attention-v1.json");
+        let (contract, _) = ModelContract::load(&path).unwrap();
+        assert!(detector_for(&Config::default(), &contract).is_ok());
+        let refused = |edit: fn(&mut Config)| {
+            let mut config = Config::default();
+            edit(&mut config);
+            detector_for(&config, &contract).unwrap_err().to_string()
+        };
+        let message = refused(|c| c.detect.flatline_steps = 99);
+        assert!(
+            message.contains("[detect] flatline_steps is 99"),
+            "{message}"
+        );
+        let message = refused(|c| {
+            c.detect.divergence = Some(crate::detect::divergence::DivergenceConfig {
+                steps: 99,
+                ..Default::default()
+            })
+        });
+        assert!(
+            message.contains("[detect.divergence] steps is 99"),
+            "{message}"
+        );
+        let message = refused(|c| c.detect.score_channels = vec!["nope".into()]);
+        assert!(message.contains("score_channels"), "{message}");
+    }
 }
