@@ -6,6 +6,13 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+# A full disk shows up deep in the build as a linker crash; say it plainly first.
+need_mib=3072
+free_mib="$(df -Pm "$root" | awk 'NR == 2 { print $4 }')"
+if [ "$free_mib" -lt "$need_mib" ]; then
+    echo "test.sh: only ${free_mib} MiB free under $root; a test build needs about ${need_mib} MiB" >&2
+    exit 1
+fi
 scripts/setup.sh
 GRIDWATCH_TANSU="$(scripts/install-tansu.sh | tail -n 1)"
 export GRIDWATCH_TANSU
