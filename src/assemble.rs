@@ -445,16 +445,18 @@ impl Assembler {
 
     /// Forgets everything a partition fed: its clock and every cell it fed (their windows
     /// cannot be completed here any more). Called when the partition is revoked; if it comes
-    /// back, its cells are rebuilt by replaying from the committed offset.
-    pub fn forget_partition(&mut self, partition: i32) {
+    /// back, its cells are rebuilt by replaying from the committed offset. Returns the cells
+    /// dropped, so that the later stages can drop what they hold of them too.
+    pub fn forget_partition(&mut self, partition: i32) -> Vec<Arc<str>> {
         self.clocks.remove(&partition);
-        for cell in self
+        let cells = self
             .cells_of_partition
             .remove(&partition)
-            .unwrap_or_default()
-        {
-            self.drop_cell(&cell);
+            .unwrap_or_default();
+        for cell in &cells {
+            self.drop_cell(cell);
         }
+        cells
     }
 
     /// Number of cells held.

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
-use crate::config::{BadInputPolicy, ClientRole, Config, DetectConfig, TopicConfig};
+use crate::config::{BadInputPolicy, ClientRole, Config, TopicConfig};
 use crate::decode::{self, Decoder, PayloadKind};
 use crate::detect::{Detector, Judge, Judgement};
 use crate::infer::contract::Standardisation;
@@ -313,6 +313,7 @@ pub async fn run_with(
     let (windows_tx, windows_rx) = mpsc::channel::<Window>(capacity);
     let (inferred_tx, inferred_rx) = mpsc::channel::<Vec<Inferred>>(capacity.div_ceil(8).max(2));
     let (letters_tx, letters_rx) = mpsc::channel::<PendingLetter>(capacity);
+    let (forget_tx, forget_rx) = mpsc::unbounded_channel::<Forget>();
     let failed = CancellationToken::new();
 
     let (reload_tx, reload_rx) = mpsc::channel::<Model>(1);
@@ -355,8 +356,8 @@ pub async fn run_with(
     };
     let publish_task = tokio::spawn(publish_events(
         inferred_rx,
-        loaded.detector,
-        config.detect.clone(),
+        Forgets::new(forget_rx),
+        Judge::new(loaded.detector, &config.detect),
         Arc::clone(&sink),
         Arc::clone(&ledger),
         Arc::clone(&stats),
@@ -378,6 +379,8 @@ pub async fn run_with(
         stats: Arc::clone(&stats),
         policy: config.sink.bad_input,
         windows: windows_tx,
+        sent: 0,
+        forgets: forget_tx,
         letters: letters_tx,
         scratch: Vec::new(),
         decoded: Readings::default(),
@@ -469,6 +472,9 @@ struct Ingest {
     stats: Arc<Stats>,
     policy: BadInputPolicy,
     windows: mpsc::Sender<Window>,
+    /// Windows sent so far, to place the cells of revoked partitions among them.
+    sent: u64,
+    forgets: mpsc::UnboundedSender<Forget>,
     letters: mpsc::Sender<PendingLetter>,
     scratch: Vec<Window>,
     /// The last message's readings; their memory serves the next message.
@@ -519,11 +525,20 @@ impl Ingest {
     /// Drops the window state and the commit position of revoked partitions. Their windows
     /// already emitted are still scored and published (and release their holds); the new owner
     /// resumes from the last commit, which trails every open window by its whole history, so
-    /// it rebuilds the same windows by replaying without emitting the incomplete ones.
+    /// it rebuilds the same windows by replaying without emitting the incomplete ones. The
+    /// judging task drops the cells' thresholds, baselines and incidents once it has judged
+    /// those windows.
     fn forget_revoked(&mut self, consumer: &StreamConsumer<SourceContext>) {
         for (topic, partition) in consumer.context().take_revoked() {
             let id = self.partitions.id(&topic, partition);
-            self.assembler.forget_partition(id);
+            let cells = self.assembler.forget_partition(id);
+            if !cells.is_empty() {
+                // Fails only when the judging task has ended, and then nothing is left to drop.
+                let _ = self.forgets.send(Forget {
+                    after: self.sent,
+                    cells,
+                });
+            }
             self.ledger.lock().expect("ledger lock").forget(id);
             tracing::debug!(topic, partition, "Forgot a revoked partition's windows.");
         }
@@ -693,6 +708,7 @@ impl Ingest {
                 .send(window)
                 .await
                 .map_err(|_| anyhow::anyhow!("the inference stage stopped"))?;
+            self.sent += 1;
         }
         Ok(())
     }
@@ -745,18 +761,62 @@ struct PendingLetter {
     letter: DeadLetter,
 }
 
+/// Cells of a revoked partition, sent by ingest when it had sent `after` windows.
+struct Forget {
+    after: u64,
+    cells: Vec<Arc<str>>,
+}
+
+/// Places the cells of revoked partitions among the windows the judging task takes. Windows
+/// keep their order through inference, and ingest sends a `Forget` before the window it
+/// counts, so a forget is due just before window number `after` (counted from 0) is judged:
+/// the windows the cells emitted before the revocation are judged with their state, and a
+/// window of a cell that came back starts afresh, as on any other instance.
+struct Forgets {
+    input: mpsc::UnboundedReceiver<Forget>,
+    pending: std::collections::VecDeque<Forget>,
+    judged: u64,
+}
+
+impl Forgets {
+    fn new(input: mpsc::UnboundedReceiver<Forget>) -> Self {
+        Self {
+            input,
+            pending: std::collections::VecDeque::new(),
+            judged: 0,
+        }
+    }
+
+    /// Takes in what ingest has sent; every forget due within a batch was sent before the
+    /// batch's windows, so once per batch received is enough.
+    fn receive(&mut self) {
+        while let Ok(forget) = self.input.try_recv() {
+            self.pending.push_back(forget);
+        }
+    }
+
+    /// Calls `forget` for each cell due before the next window, and counts that window.
+    fn before_window(&mut self, mut forget: impl FnMut(&str)) {
+        while let Some(due) = self.pending.pop_front_if(|f| f.after <= self.judged) {
+            for cell in &due.cells {
+                forget(cell);
+            }
+        }
+        self.judged += 1;
+    }
+}
+
 /// Scores inferred windows, publishes events, and releases each window's holds once its event
 /// is acknowledged (or at once when it has none).
 async fn publish_events(
     mut input: mpsc::Receiver<Vec<Inferred>>,
-    detector: Detector,
-    detect: DetectConfig,
+    mut forgets: Forgets,
+    mut judge: Judge,
     sink: Arc<Sink>,
     ledger: Arc<Mutex<OffsetLedger>>,
     stats: Arc<Stats>,
     failed: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut judge = Judge::new(detector, &detect);
     let mut in_flight = FuturesUnordered::new();
     let release = |holds: &[(i32, i64)]| {
         let mut ledger = ledger.lock().expect("ledger lock");
@@ -768,11 +828,14 @@ async fn publish_events(
         tokio::select! {
             batch = input.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
                 let Some(batch) = batch else { break };
+                forgets.receive();
                 for Inferred { window, reconstruction, model } in batch {
+                    forgets.before_window(|cell| {
+                        judge.forget(cell);
+                        tracing::debug!(cell, "Forgot a revoked cell's thresholds, baselines and incident.");
+                    });
                     // Each window is judged by the model that scored it.
-                    if !judge.detector().is_for(&model) {
-                        judge = judge.for_model(Detector::new(&model, &detect));
-                    }
+                    judge = judge.for_contract(&model);
                     let Judgement { score, event, .. } = judge.judge(&window, &reconstruction);
                     telemetry::window_scored(&stats, score.score, window.closed_at.elapsed().as_secs_f64());
                     match event {
@@ -787,6 +850,7 @@ async fn publish_events(
                         }
                     }
                 }
+                telemetry::cells_judged(judge.cell_count());
             }
             Some((holds, severity, latency, result)) = in_flight.next() => {
                 if let Err(error) = result {
@@ -845,6 +909,49 @@ async fn publish_dead_letters(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Judges `windows` windows, returning before which window (by number) each cell went.
+    fn judge_windows(forgets: &mut Forgets, windows: u64) -> Vec<(u64, String)> {
+        let mut gone = Vec::new();
+        forgets.receive();
+        for _ in 0..windows {
+            let number = forgets.judged;
+            forgets.before_window(|cell| gone.push((number, cell.to_owned())));
+        }
+        gone
+    }
+
+    #[test]
+    fn revoked_cells_are_forgotten_after_the_windows_sent_before_the_revocation() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut forgets = Forgets::new(rx);
+        let forget = |after, cells: &[&str]| Forget {
+            after,
+            cells: cells.iter().map(|c| Arc::from(*c)).collect(),
+        };
+        // Ingest: a revocation before any window, another after 3 windows, two after 5.
+        tx.send(forget(0, &["a"])).unwrap();
+        tx.send(forget(3, &["b", "c"])).unwrap();
+        tx.send(forget(5, &["d"])).unwrap();
+        tx.send(forget(5, &["e"])).unwrap();
+        // The first batch holds windows 0..4: "a" goes before window 0, "b" and "c" before 3.
+        assert_eq!(
+            judge_windows(&mut forgets, 4),
+            [(0, "a".into()), (3, "b".into()), (3, "c".into())]
+        );
+        // Window 4 does not reach the revocation after 5; window 5 does, and both of its
+        // forgets apply before it.
+        assert_eq!(judge_windows(&mut forgets, 1), []);
+        assert_eq!(
+            judge_windows(&mut forgets, 1),
+            [(5, "d".into()), (5, "e".into())]
+        );
+        assert!(forgets.pending.is_empty());
+        // A revocation sent after windows that are yet to come waits for them.
+        tx.send(forget(8, &["f"])).unwrap();
+        assert_eq!(judge_windows(&mut forgets, 2), []);
+        assert_eq!(forgets.pending.len(), 1);
+    }
 
     #[test]
     fn settings_that_do_not_fit_the_model_are_refused_before_it_is_loaded() {

@@ -320,6 +320,11 @@ pub fn cells_held(cells: usize) {
     metrics::gauge!("gridwatch_cells").set(cells as f64);
 }
 
+/// Cells the judging task keeps thresholds, divergence baselines or incidents for.
+pub fn cells_judged(cells: usize) {
+    metrics::gauge!("gridwatch_judged_cells").set(cells as f64);
+}
+
 /// What readiness depends on, updated by the pipeline and read by the admin endpoints.
 #[derive(Debug, Default)]
 pub struct Health {

@@ -526,6 +526,14 @@ async fn a_rebalance_storm_loses_nothing() {
         "d: {status}\n{}",
         instances[3].log_tail(30)
     );
+    // b's arrival revoked a's partitions, and a went on judging windows for six seconds: it
+    // dropped the judge state of their cells rather than keep it for cells it might not own.
+    let a_log = std::fs::read_to_string(&instances[0].log).unwrap();
+    assert!(
+        a_log.contains("Forgot a revoked cell's thresholds"),
+        "a kept the judge state of revoked cells\n{}",
+        instances[0].log_tail(30)
+    );
     let found = Found::read(&bootstrap);
     check(
         "rebalance storm",

@@ -315,6 +315,11 @@ impl IncidentTracker {
         }
     }
 
+    /// Cells with a pending or open incident.
+    pub fn cells(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.cells.keys()
+    }
+
     /// Incidents open now.
     pub fn open_count(&self) -> usize {
         self.open_incidents

@@ -92,6 +92,16 @@ impl Judge {
         }
     }
 
+    /// The judge for windows scored by `model`: this one if it is for that model already, else
+    /// [`Judge::for_model`] with a detector for `model` under the same settings.
+    pub fn for_contract(self, model: &crate::infer::ModelContract) -> Self {
+        if self.detector.is_for(model) {
+            return self;
+        }
+        let detector = Detector::new(model, &self.config);
+        self.for_model(detector)
+    }
+
     /// The judge for another model (a hot reload): thresholds and incidents start again, since
     /// they are the old model's scores; the divergence baselines carry over, since they compare
     /// sensors with each other (their floors stay the old contract's channel deviations).
@@ -192,6 +202,14 @@ impl Judge {
             }
         }
         (fixed, anomalous)
+    }
+
+    /// Cells with judge state: a threshold, divergence baselines or an incident.
+    pub fn cell_count(&self) -> usize {
+        let incidents_only = self.incidents.as_ref().map_or(0, |t| {
+            t.cells().filter(|c| !self.cells.contains_key(*c)).count()
+        });
+        self.cells.len() + incidents_only
     }
 
     /// Forgets a cell (its partition was revoked).
@@ -309,6 +327,37 @@ mod tests {
         let event = j.event.expect("an anomalous window is published");
         assert_eq!(event.diverged.len(), 1, "{:?}", event.diverged);
         assert_eq!(event.diverged[0].node_id, "z");
+    }
+
+    #[test]
+    fn a_forgotten_cell_starts_over() {
+        let config = DetectConfig {
+            incidents: Some(crate::detect::incident::IncidentConfig {
+                open_after: 1,
+                ..Default::default()
+            }),
+            ..divergence_config()
+        };
+        let mut judge = Judge::new(three_node_detector("1", &config), &config);
+        for end_s in 2..200 {
+            judge.judge(&three_nodes(end_s, usual_z(end_s)), &[0.0; 6]);
+        }
+        let opened = judge.judge(&three_nodes(200, 30.0), &[0.0; 6]).event;
+        assert!(
+            opened.and_then(|e| e.incident).is_some(),
+            "z's divergence opens an incident"
+        );
+        assert_eq!(judge.cell_count(), 1);
+
+        judge.forget("c");
+        assert_eq!(judge.cell_count(), 0);
+        // The baselines went with it: z at 30 is no longer known to be unusual.
+        assert!(!judge.judge(&three_nodes(201, 30.0), &[0.0; 6]).anomalous);
+        assert_eq!(
+            judge.cell_count(),
+            1,
+            "the cell's next window starts its state again"
+        );
     }
 
     fn judge_scores(judge: &mut Judge, scores: &[f64]) -> Vec<Judgement> {
