@@ -45,6 +45,15 @@ pub struct KindRecall {
     pub found: u64,
 }
 
+/// A labelled range no flagged point lies in.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MissedRange {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+}
+
 /// Every figure `gridwatch eval` reports for one detector.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Metrics {
@@ -77,6 +86,8 @@ pub struct Metrics {
     pub median_delay_s: f64,
     /// Event recall per kind of labelled range (ranges with a kind only).
     pub by_kind: std::collections::BTreeMap<String, KindRecall>,
+    /// The labelled ranges not found, in label order: where to look first.
+    pub missed: Vec<MissedRange>,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -143,9 +154,16 @@ pub fn compute(tracks: &[Track], ranges: &[LabelledRange], merge_gap: usize) -> 
             k.ranges += 1;
             k.found += u64::from(first.is_some());
         }
-        if let Some(at) = first {
-            m.ranges_found += 1;
-            delays.push((at - r.start_ms).max(0) as f64 / 1000.0);
+        match first {
+            Some(at) => {
+                m.ranges_found += 1;
+                delays.push((at - r.start_ms).max(0) as f64 / 1000.0);
+            }
+            None => m.missed.push(MissedRange {
+                start_ms: r.start_ms,
+                end_ms: r.end_ms,
+                kind: r.kind.clone(),
+            }),
         }
     }
     m.event_recall = ratio(m.ranges_found as f64, m.ranges as f64);
@@ -328,6 +346,14 @@ mod tests {
         );
         assert_eq!(m.mean_delay_s, 1.0);
         assert_eq!(m.median_delay_s, 1.0);
+        assert_eq!(
+            m.missed,
+            [MissedRange {
+                start_ms: 6_000,
+                end_ms: 9_000,
+                kind: "spike".into()
+            }]
+        );
         // Cell 1's two alarms cover no label of cell 1: both false.
         assert_eq!(m.false_alarms, 2);
         // One series of 10 s, two cells of 10 s each.

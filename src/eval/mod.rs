@@ -870,6 +870,25 @@ pub fn report_text(r: &Report) -> String {
             kinds.join(", ")
         );
     }
+    if let Some(model) = r.results.first()
+        && !model.metrics.missed.is_empty()
+    {
+        const SHOWN: usize = 12;
+        let missed = &model.metrics.missed;
+        let _ = writeln!(out, "\nmissed ({}):", model.detector);
+        for range in missed.iter().take(SHOWN) {
+            let _ = writeln!(
+                out,
+                "  {} .. {}  {}",
+                rfc3339(range.start_ms),
+                rfc3339(range.end_ms),
+                range.kind
+            );
+        }
+        if missed.len() > SHOWN {
+            let _ = writeln!(out, "  and {} more (all in --json)", missed.len() - SHOWN);
+        }
+    }
     if let Some(a) = r.results.first().and_then(|res| res.attribution.as_ref())
         && a.ranges > 0
     {
@@ -895,6 +914,11 @@ pub fn report_text(r: &Report) -> String {
     }
     let _ = writeln!(out, "\n({:.1} s)", r.elapsed_s);
     out
+}
+
+fn rfc3339(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 #[cfg(test)]
