@@ -147,6 +147,9 @@ pub struct Closed {
     pub sparse: usize,
     /// Closed windows that begin before this instance saw the cell's history whole.
     pub warmup: usize,
+    /// Cells dropped for being idle ([`AssembleSpec::idle_cell_ms`]), each with the event time
+    /// up to which it was silent: the start of the first step still open.
+    pub silent: Vec<(Arc<str>, i64)>,
 }
 
 fn merge_low(low: &mut Vec<(i32, i64)>, partition: i32, offset: i64) {
@@ -422,11 +425,12 @@ impl Assembler {
             }
             if state.history.is_empty() && target.saturating_sub(state.last_data_step) > idle_steps
             {
-                idle.push(cell);
+                idle.push((cell, target));
             }
         }
-        for cell in idle {
+        for (cell, target) in idle {
             self.drop_cell(&cell);
+            result.silent.push((cell, target * self.spec.cadence_ms));
         }
         result
     }

@@ -33,7 +33,7 @@ use crate::infer::contract::Standardisation;
 use crate::infer::{self, Inferred, Model, ModelContract};
 use crate::registry::Registry;
 use crate::schema::fast::Readings;
-use crate::schema::{self, DeadLetterReason, RecordKind, SchemaIds};
+use crate::schema::{self, AnomalyEvent, DeadLetterReason, RecordKind, SchemaIds, Severity};
 use crate::sink::{DeadLetter, Sink};
 use crate::source::{self, OffsetLedger, SourceContext, SourcePartitions};
 use crate::telemetry::{self, Health, Stats};
@@ -313,7 +313,7 @@ pub async fn run_with(
     let (windows_tx, windows_rx) = mpsc::channel::<Window>(capacity);
     let (inferred_tx, inferred_rx) = mpsc::channel::<Vec<Inferred>>(capacity.div_ceil(8).max(2));
     let (letters_tx, letters_rx) = mpsc::channel::<PendingLetter>(capacity);
-    let (forget_tx, forget_rx) = mpsc::unbounded_channel::<Forget>();
+    let (ended_tx, ended_rx) = mpsc::unbounded_channel::<Ended>();
     let failed = CancellationToken::new();
 
     let (reload_tx, reload_rx) = mpsc::channel::<Model>(1);
@@ -356,7 +356,7 @@ pub async fn run_with(
     };
     let publish_task = tokio::spawn(publish_events(
         inferred_rx,
-        Forgets::new(forget_rx),
+        Endings::new(ended_rx),
         Judge::new(loaded.detector, &config.detect),
         Arc::clone(&sink),
         Arc::clone(&ledger),
@@ -380,7 +380,7 @@ pub async fn run_with(
         policy: config.sink.bad_input,
         windows: windows_tx,
         sent: 0,
-        forgets: forget_tx,
+        ended: ended_tx,
         letters: letters_tx,
         scratch: Vec::new(),
         decoded: Readings::default(),
@@ -474,7 +474,7 @@ struct Ingest {
     windows: mpsc::Sender<Window>,
     /// Windows sent so far, to place the cells of revoked partitions among them.
     sent: u64,
-    forgets: mpsc::UnboundedSender<Forget>,
+    ended: mpsc::UnboundedSender<Ended>,
     letters: mpsc::Sender<PendingLetter>,
     scratch: Vec<Window>,
     /// The last message's readings; their memory serves the next message.
@@ -534,7 +534,8 @@ impl Ingest {
             let cells = self.assembler.forget_partition(id);
             if !cells.is_empty() {
                 // Fails only when the judging task has ended, and then nothing is left to drop.
-                let _ = self.forgets.send(Forget {
+                let cells = cells.into_iter().map(|c| (c, Ending::Revoked)).collect();
+                let _ = self.ended.send(Ended {
                     after: self.sent,
                     cells,
                 });
@@ -684,6 +685,17 @@ impl Ingest {
                 }
             }
             telemetry::windows_closed(&self.stats, closed.emitted, closed.sparse, closed.warmup);
+            if !closed.silent.is_empty() {
+                let cells = closed.silent.into_iter();
+                let cells = cells
+                    .map(|(c, at_ms)| (c, Ending::Silent { at_ms }))
+                    .collect();
+                // Fails only when the judging task has ended, and then nothing is left to close.
+                let _ = self.ended.send(Ended {
+                    after: self.sent,
+                    cells,
+                });
+            }
             self.emit().await?;
         }
         self.decoded = readings;
@@ -761,25 +773,34 @@ struct PendingLetter {
     letter: DeadLetter,
 }
 
-/// Cells of a revoked partition, sent by ingest when it had sent `after` windows.
-struct Forget {
-    after: u64,
-    cells: Vec<Arc<str>>,
+/// Why ingest no longer holds a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Its partition was revoked: its judge state goes, without a transition.
+    Revoked,
+    /// It was dropped as idle, silent up to `at_ms` (event time): an open incident is closed.
+    Silent { at_ms: i64 },
 }
 
-/// Places the cells of revoked partitions among the windows the judging task takes. Windows
-/// keep their order through inference, and ingest sends a `Forget` before the window it
-/// counts, so a forget is due just before window number `after` (counted from 0) is judged:
-/// the windows the cells emitted before the revocation are judged with their state, and a
-/// window of a cell that came back starts afresh, as on any other instance.
-struct Forgets {
-    input: mpsc::UnboundedReceiver<Forget>,
-    pending: std::collections::VecDeque<Forget>,
+/// Cells ingest stopped holding when it had sent `after` windows.
+struct Ended {
+    after: u64,
+    cells: Vec<(Arc<str>, Ending)>,
+}
+
+/// Places the cells ingest stopped holding among the windows the judging task takes. Windows
+/// keep their order through inference, and ingest sends an `Ended` before the window it
+/// counts, so its cells are due just before window number `after` (counted from 0) is judged:
+/// the windows they emitted before are judged with their state, and a window of a cell that
+/// came back starts afresh, as on any other instance.
+struct Endings {
+    input: mpsc::UnboundedReceiver<Ended>,
+    pending: std::collections::VecDeque<Ended>,
     judged: u64,
 }
 
-impl Forgets {
-    fn new(input: mpsc::UnboundedReceiver<Forget>) -> Self {
+impl Endings {
+    fn new(input: mpsc::UnboundedReceiver<Ended>) -> Self {
         Self {
             input,
             pending: std::collections::VecDeque::new(),
@@ -787,30 +808,57 @@ impl Forgets {
         }
     }
 
-    /// Takes in what ingest has sent; every forget due within a batch was sent before the
+    /// Takes in what ingest has sent; everything due within a batch was sent before the
     /// batch's windows, so once per batch received is enough.
     fn receive(&mut self) {
-        while let Ok(forget) = self.input.try_recv() {
-            self.pending.push_back(forget);
+        while let Ok(ended) = self.input.try_recv() {
+            self.pending.push_back(ended);
         }
     }
 
-    /// Calls `forget` for each cell due before the next window, and counts that window.
-    fn before_window(&mut self, mut forget: impl FnMut(&str)) {
-        while let Some(due) = self.pending.pop_front_if(|f| f.after <= self.judged) {
-            for cell in &due.cells {
-                forget(cell);
-            }
+    /// The cells due now: every window sent before them has been judged.
+    fn due(&mut self) -> Vec<(Arc<str>, Ending)> {
+        let mut due = Vec::new();
+        while let Some(ended) = self.pending.pop_front_if(|e| e.after <= self.judged) {
+            due.extend(ended.cells);
         }
+        due
+    }
+
+    /// The cells due before the next window, which this counts as judged.
+    fn before_window(&mut self) -> Vec<(Arc<str>, Ending)> {
+        let due = self.due();
         self.judged += 1;
+        due
     }
 }
 
+/// What a published event comes back with: the holds to release, its severity, the window
+/// close → acknowledged latency (none for an event without a window of readings), the result.
+type Published = (
+    Vec<(i32, i64)>,
+    Severity,
+    Option<f64>,
+    Result<(), crate::sink::SinkError>,
+);
+
+async fn publish(
+    sink: Arc<Sink>,
+    event: AnomalyEvent,
+    holds: Vec<(i32, i64)>,
+    closed_at: Option<std::time::Instant>,
+) -> Published {
+    let result = sink.publish_event(&event).await;
+    let latency = closed_at.map(|at| at.elapsed().as_secs_f64());
+    (holds, event.severity, latency, result)
+}
+
 /// Scores inferred windows, publishes events, and releases each window's holds once its event
-/// is acknowledged (or at once when it has none).
+/// is acknowledged (or at once when it has none). Cells ingest stopped holding lose their
+/// judge state when revoked; when silent, an open incident of theirs is closed.
 async fn publish_events(
     mut input: mpsc::Receiver<Vec<Inferred>>,
-    mut forgets: Forgets,
+    mut endings: Endings,
     mut judge: Judge,
     sink: Arc<Sink>,
     ledger: Arc<Mutex<OffsetLedger>>,
@@ -824,31 +872,54 @@ async fn publish_events(
             ledger.release(p, o);
         }
     };
+    let end = |judge: &mut Judge, cells: Vec<(Arc<str>, Ending)>| -> Vec<AnomalyEvent> {
+        let mut closes = Vec::new();
+        for (cell, ending) in cells {
+            match ending {
+                Ending::Revoked => {
+                    judge.forget(&cell);
+                    tracing::debug!(cell = %cell, "Forgot a revoked cell's thresholds, baselines and incident.");
+                }
+                Ending::Silent { at_ms } => {
+                    if let Some(close) = judge.expire(&cell, at_ms) {
+                        tracing::debug!(cell = %cell, at_ms, "Closed the incident of a silent cell.");
+                        closes.push(close);
+                    }
+                }
+            }
+        }
+        closes
+    };
     loop {
         tokio::select! {
             batch = input.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
                 let Some(batch) = batch else { break };
-                forgets.receive();
+                endings.receive();
                 for Inferred { window, reconstruction, model } in batch {
-                    forgets.before_window(|cell| {
-                        judge.forget(cell);
-                        tracing::debug!(cell, "Forgot a revoked cell's thresholds, baselines and incident.");
-                    });
+                    for close in end(&mut judge, endings.before_window()) {
+                        in_flight.push(publish(Arc::clone(&sink), close, Vec::new(), None));
+                    }
                     // Each window is judged by the model that scored it.
                     judge = judge.for_contract(&model);
                     let Judgement { score, event, .. } = judge.judge(&window, &reconstruction);
                     telemetry::window_scored(&stats, score.score, window.closed_at.elapsed().as_secs_f64());
                     match event {
                         None => release(&window.holds),
-                        Some(event) => {
-                            let sink = Arc::clone(&sink);
-                            in_flight.push(async move {
-                                let result = sink.publish_event(&event).await;
-                                let latency = window.closed_at.elapsed().as_secs_f64();
-                                (window.holds, event.severity, latency, result)
-                            });
-                        }
+                        Some(event) => in_flight.push(publish(
+                            Arc::clone(&sink),
+                            event,
+                            window.holds,
+                            Some(window.closed_at),
+                        )),
                     }
+                }
+                telemetry::cells_judged(judge.cell_count());
+            }
+            // Cells that ended after the last window sent: nothing is left to judge before them.
+            Some(ended) = endings.input.recv() => {
+                endings.pending.push_back(ended);
+                for close in end(&mut judge, endings.due()) {
+                    in_flight.push(publish(Arc::clone(&sink), close, Vec::new(), None));
                 }
                 telemetry::cells_judged(judge.cell_count());
             }
@@ -910,47 +981,60 @@ async fn publish_dead_letters(
 mod tests {
     use super::*;
 
-    /// Judges `windows` windows, returning before which window (by number) each cell went.
-    fn judge_windows(forgets: &mut Forgets, windows: u64) -> Vec<(u64, String)> {
-        let mut gone = Vec::new();
-        forgets.receive();
+    /// Judges `windows` windows, returning before which window (by number) each cell ended.
+    fn judge_windows(endings: &mut Endings, windows: u64) -> Vec<(u64, String)> {
+        let mut ended = Vec::new();
+        endings.receive();
         for _ in 0..windows {
-            let number = forgets.judged;
-            forgets.before_window(|cell| gone.push((number, cell.to_owned())));
+            let number = endings.judged;
+            for (cell, _) in endings.before_window() {
+                ended.push((number, cell.to_string()));
+            }
         }
-        gone
+        ended
+    }
+
+    fn ended(after: u64, cells: &[&str]) -> Ended {
+        Ended {
+            after,
+            cells: cells
+                .iter()
+                .map(|c| (Arc::from(*c), Ending::Revoked))
+                .collect(),
+        }
     }
 
     #[test]
-    fn revoked_cells_are_forgotten_after_the_windows_sent_before_the_revocation() {
+    fn cells_end_after_the_windows_sent_before_them() {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut forgets = Forgets::new(rx);
-        let forget = |after, cells: &[&str]| Forget {
-            after,
-            cells: cells.iter().map(|c| Arc::from(*c)).collect(),
-        };
+        let mut endings = Endings::new(rx);
         // Ingest: a revocation before any window, another after 3 windows, two after 5.
-        tx.send(forget(0, &["a"])).unwrap();
-        tx.send(forget(3, &["b", "c"])).unwrap();
-        tx.send(forget(5, &["d"])).unwrap();
-        tx.send(forget(5, &["e"])).unwrap();
+        tx.send(ended(0, &["a"])).unwrap();
+        tx.send(ended(3, &["b", "c"])).unwrap();
+        tx.send(ended(5, &["d"])).unwrap();
+        tx.send(ended(5, &["e"])).unwrap();
         // The first batch holds windows 0..4: "a" goes before window 0, "b" and "c" before 3.
         assert_eq!(
-            judge_windows(&mut forgets, 4),
+            judge_windows(&mut endings, 4),
             [(0, "a".into()), (3, "b".into()), (3, "c".into())]
         );
         // Window 4 does not reach the revocation after 5; window 5 does, and both of its
-        // forgets apply before it.
-        assert_eq!(judge_windows(&mut forgets, 1), []);
+        // endings apply before it.
+        assert_eq!(judge_windows(&mut endings, 1), []);
         assert_eq!(
-            judge_windows(&mut forgets, 1),
+            judge_windows(&mut endings, 1),
             [(5, "d".into()), (5, "e".into())]
         );
-        assert!(forgets.pending.is_empty());
-        // A revocation sent after windows that are yet to come waits for them.
-        tx.send(forget(8, &["f"])).unwrap();
-        assert_eq!(judge_windows(&mut forgets, 2), []);
-        assert_eq!(forgets.pending.len(), 1);
+        assert!(endings.pending.is_empty());
+        // Sent after windows yet to come, it waits for them.
+        tx.send(ended(8, &["f"])).unwrap();
+        assert_eq!(judge_windows(&mut endings, 1), []);
+        assert_eq!(endings.pending.len(), 1);
+        assert!(endings.due().is_empty(), "window 7 is not judged yet");
+        // Sent after the last window judged, it is due at once.
+        assert_eq!(judge_windows(&mut endings, 1), []);
+        let (cell, ending) = endings.due().pop().expect("due once window 7 is judged");
+        assert_eq!((&*cell, ending), ("f", Ending::Revoked));
     }
 
     #[test]

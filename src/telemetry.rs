@@ -282,12 +282,16 @@ pub fn batch_inferred(stats: &Stats, windows: usize, seconds: f64) {
     tracing::trace!(windows, seconds, "Scored a batch.");
 }
 
-pub fn event_published(stats: &Stats, severity: Severity, latency_seconds: f64) {
+/// An event was acknowledged; `latency_seconds` from its window's close, for an event that
+/// has a window of readings (not the CLOSE of a silent cell's incident).
+pub fn event_published(stats: &Stats, severity: Severity, latency_seconds: Option<f64>) {
     stats.progress();
-    if let Some(kept) = stats.latencies.lock().expect("stats lock").as_mut() {
-        kept.push(latency_seconds);
+    if let Some(latency_seconds) = latency_seconds {
+        if let Some(kept) = stats.latencies.lock().expect("stats lock").as_mut() {
+            kept.push(latency_seconds);
+        }
+        metrics::histogram!("gridwatch_event_latency_seconds").record(latency_seconds);
     }
-    metrics::histogram!("gridwatch_event_latency_seconds").record(latency_seconds);
     bump(&stats.events_published[severity as usize], 1);
     metrics::counter!("gridwatch_events_published_total", "severity" => severity.as_str())
         .increment(1);

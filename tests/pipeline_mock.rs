@@ -809,3 +809,102 @@ async fn routed_sensor_keyed_readings_give_the_reference_events() {
     );
     fixture.close();
 }
+
+/// With incidents on, a cell that falls silent in the middle of an incident gets its CLOSE once
+/// it is dropped as idle: the SOC's open alert does not hang forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_cell_gets_the_close_of_its_incident() {
+    const ONE_PARTITION: &str = "readings-one-partition";
+    const SILENT_FROM: u64 = 85;
+    let fixture = Fixture::new().await;
+    // One partition, so that line-1's readings move the clock line-2 is judged idle by.
+    fixture.cluster.create_topic(ONE_PARTITION, 1, 1).unwrap();
+    let mut config = config(&fixture.bootstrap);
+    config.source.topics[0].name = ONE_PARTITION.into();
+    config.assemble.stagger_windows = false;
+    config.assemble.idle_cell_timeout = Duration::from_secs(2);
+    // No normal window of line-2 closes the incident: only its silence can.
+    config.detect.incidents = Some(gridwatch::detect::incident::IncidentConfig {
+        open_after: 1,
+        close_after: 1_000,
+        update_every: 0,
+    });
+    config.validate().unwrap();
+
+    let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
+    let mut produced = 0;
+    for (step, cells) in steps().into_iter().enumerate() {
+        for (cell, readings) in &cells {
+            // line-2 falls silent in the middle of its fault.
+            if cell.starts_with("line-2") && step as u64 >= SILENT_FROM {
+                continue;
+            }
+            let payload = batches.encode(&records::batch_to_value(readings)).unwrap();
+            common::produce(&fixture.producer, ONE_PARTITION, cell, &payload).await;
+            produced += 1;
+        }
+    }
+
+    let (stats, cancel, run) = start(&config);
+    let codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
+    let incidents_of_line_2 = || -> Vec<AnomalyEvent> {
+        common::read_all(&fixture.bootstrap, "anomalies")
+            .iter()
+            .map(|m| AnomalyEvent::from_value(&codec.decode(m.payload().unwrap()).unwrap()))
+            .map(Result::unwrap)
+            .filter(|e| e.cell_id.starts_with("line-2") && e.incident.is_some())
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let events = loop {
+        let s = stats.snapshot();
+        let events = incidents_of_line_2();
+        let closed = events
+            .iter()
+            .any(|e| e.incident.as_ref().unwrap().status == records::IncidentStatus::Close);
+        if s.messages_consumed == produced && closed {
+            break events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no CLOSE for line-2: {s:?}, {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    cancel.cancel();
+    run.await.unwrap().unwrap();
+
+    let status = |e: &AnomalyEvent| e.incident.as_ref().unwrap().status;
+    let open = events
+        .iter()
+        .find(|e| status(e) == records::IncidentStatus::Open)
+        .expect("the fault opened an incident");
+    let closes: Vec<&AnomalyEvent> = events
+        .iter()
+        .filter(|e| status(e) == records::IncidentStatus::Close)
+        .collect();
+    assert_eq!(closes.len(), 1, "{events:?}");
+    let close = closes[0];
+    let incident = close.incident.as_ref().unwrap();
+    assert_eq!(
+        incident.incident_id,
+        open.incident.as_ref().unwrap().incident_id
+    );
+    // The CLOSE stands for the silence: from the incident's last window taken (published or
+    // not) to the moment the cell was known silent.
+    let last_published_end = events
+        .iter()
+        .filter(|e| status(e) != records::IncidentStatus::Close)
+        .map(|e| e.window_end_ms)
+        .max()
+        .unwrap();
+    assert!(close.window_start_ms >= last_published_end, "{close:?}");
+    assert!(close.window_end_ms > close.window_start_ms, "{close:?}");
+    assert_eq!(
+        incident.opened_at_ms,
+        open.incident.as_ref().unwrap().opened_at_ms
+    );
+    assert!(close.contributors.is_empty());
+    assert_eq!(close.node_count, 0);
+    fixture.close();
+}

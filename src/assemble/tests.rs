@@ -381,16 +381,27 @@ fn idle_cells_are_dropped_and_start_afresh() {
         reading("q", 0, &[("current", 1.0)]),
         &mut out,
     );
+    // Returns the cells reported silent on the way.
     let busy = |assembler: &mut Assembler, steps: std::ops::Range<i64>, out: &mut Vec<Window>| {
+        let (cell, node): (Arc<str>, Arc<str>) = (Arc::from("busy"), Arc::from("b"));
+        let mut silent = Vec::new();
         for s in steps {
             let r = reading("b", s * 1_000, &[("current", 1.0)]);
-            add_to(assembler, "busy", 0, s + 1, r, out);
+            let at = Provenance {
+                partition: 0,
+                offset: s + 1,
+            };
+            silent.extend(assembler.add(&cell, &node, &r, at, out).1.silent);
         }
+        silent
     };
-    busy(&mut assembler, 0..10, &mut out);
+    assert!(busy(&mut assembler, 0..10, &mut out).is_empty());
     assert_eq!(assembler.cell_count(), 2, "not idle for 10 s yet");
-    busy(&mut assembler, 10..20, &mut out);
+    let silent = busy(&mut assembler, 10..20, &mut out);
     assert_eq!(assembler.cell_count(), 1, "the quiet cell was dropped");
+    // Reported once, silent up to the start of the first step still open (step 11: its
+    // last data in step 0, more than 10 steps before).
+    assert_eq!(silent, [(Arc::from("quiet"), 11_000)]);
     // It comes back as a new cell, which is not late and not refused.
     assert!(matches!(
         add_to(

@@ -19,9 +19,9 @@
 //!   window.
 //! - The incident id is a UUIDv5 of (scope, cell, `opened_at_ms`) only, so replaying the same
 //!   windows gives the same ids, and every transition of an incident carries the same id.
-//! - Memory: state exists only for cells with a pending or open incident; CLOSE and
-//!   [`IncidentTracker::forget`] remove it (a cell that stops sending windows keeps its open
-//!   incident until then). No clocks, no randomness, no iteration over the state: the
+//! - Memory: state exists only for cells with a pending or open incident; CLOSE,
+//!   [`IncidentTracker::expire`] (the cell fell silent: an open incident gets its CLOSE) and
+//!   [`IncidentTracker::forget`] (its partition was revoked: no transition) remove it. No clocks, no randomness, no iteration over the state: the
 //!   transitions are a function of the windows observed.
 
 use std::collections::HashMap;
@@ -299,6 +299,16 @@ impl IncidentTracker {
                 Some(state.transition(Status::Update, &id))
             }
         }
+    }
+
+    /// Ends what `cell` has going because it fell silent (no window will come to close it):
+    /// an open incident is closed, a streak too short to open is dropped. Returns the CLOSE
+    /// transition and the end of the incident's last window taken.
+    pub fn expire(&mut self, cell: &str) -> Option<(Transition, i64)> {
+        let state = self.cells.remove(cell)?;
+        let open = state.open.as_ref()?;
+        self.open_incidents -= 1;
+        Some((state.transition(Status::Close, &open.id), state.last_end_ms))
     }
 
     /// Drops all state of `cell` (its partition was revoked), open incident included, without
@@ -632,6 +642,31 @@ mod tests {
             (open.status, open.opened_at_ms, open.windows),
             (Status::Open, 1_500, 2)
         );
+    }
+
+    #[test]
+    fn a_silent_cell_closes_its_open_incident_and_drops_a_pending_streak() {
+        let mut tracker = new_tracker(2, 3, 1);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("cell-a"), Arc::from("cell-b"));
+        tracker.observe(&a, 1_000, anomalous(2.0, 1));
+        let open = tracker.observe(&a, 2_000, anomalous(5.0, 2)).unwrap();
+        tracker.observe(&b, 1_000, anomalous(2.0, 1));
+        let (close, last_end_ms) = tracker.expire(&a).expect("a's incident is open");
+        assert_eq!(
+            (
+                close.status,
+                close.incident_id,
+                close.windows,
+                close.peak_score
+            ),
+            (Status::Close, open.incident_id, 2, 5.0)
+        );
+        assert_eq!((close.opened_at_ms, last_end_ms), (1_000, 2_000));
+        // b's streak never opened: nothing to close, and nothing left.
+        assert_eq!(tracker.expire(&b), None);
+        assert_eq!(tracker.expire("cell-c"), None);
+        assert_eq!(tracker.open_count(), 0);
+        assert!(tracker.cells.is_empty());
     }
 
     #[test]

@@ -212,6 +212,32 @@ impl Judge {
         self.cells.len() + incidents_only
     }
 
+    /// Ends the incident of `cell`, which fell silent at `at_ms` (event time): no window will
+    /// come to close it. Returns the CLOSE event of an open incident. It stands for the
+    /// silence from the incident's last window to `at_ms`: no score, no contributors, the
+    /// incident's peak severity, and an event id of its own. The cell's thresholds and
+    /// baselines stay, for when it speaks again.
+    pub fn expire(&mut self, cell: &Arc<str>, at_ms: i64) -> Option<AnomalyEvent> {
+        let (transition, last_end_ms) = self.incidents.as_mut()?.expire(cell)?;
+        let silence = Window {
+            cell: Arc::clone(cell),
+            start_ms: last_end_ms,
+            end_ms: at_ms.max(last_end_ms + 1),
+            nodes: Vec::new(),
+            values: Vec::new(),
+            mask: Vec::new(),
+            missing_fraction: 1.0,
+            holds: Vec::new(),
+            closed_at: std::time::Instant::now(),
+        };
+        let threshold = self.threshold_of(cell);
+        let mut event = self.detector.event(&silence, &Score::default(), threshold);
+        event.severity =
+            severity(transition.peak_score, threshold).unwrap_or(crate::schema::Severity::Low);
+        event.incident = Some(incident(&transition));
+        Some(event)
+    }
+
     /// Forgets a cell (its partition was revoked).
     pub fn forget(&mut self, cell: &str) {
         self.cells.remove(cell);
@@ -380,6 +406,44 @@ mod tests {
             assert_eq!(j.anomalous, j.event.is_some());
             assert_eq!(j.threshold, 2.0);
         }
+    }
+
+    #[test]
+    fn a_silent_cell_gets_the_close_of_its_open_incident() {
+        let config = DetectConfig {
+            incidents: Some(crate::detect::incident::IncidentConfig {
+                open_after: 1,
+                close_after: 2,
+                update_every: 0,
+            }),
+            ..DetectConfig::default()
+        };
+        let mut judge = Judge::new(detector(), &config);
+        // Windows end at 2, 3 and 4 s; the last two are anomalous, 9 is 4.5 × the threshold.
+        let js = judge_scores(&mut judge, &[1.0, 3.0, 9.0]);
+        let open = js[1].event.clone().unwrap();
+        let cell: Arc<str> = Arc::from("c");
+        let close = judge.expire(&cell, 60_000).expect("the incident was open");
+        let incident = close.incident.as_ref().unwrap();
+        assert_eq!(incident.status, IncidentStatus::Close);
+        assert_eq!(incident.incident_id, open.incident.unwrap().incident_id);
+        assert_eq!((incident.windows, incident.peak_score), (2, 9.0));
+        // The silence from the last window to the moment the cell was known silent.
+        assert_eq!(
+            (close.window_start_ms, close.window_end_ms),
+            (4_000, 60_000)
+        );
+        assert_eq!(close.severity, Severity::High);
+        assert!(close.contributors.is_empty());
+        assert_ne!(close.event_id, js[2].event.as_ref().unwrap().event_id);
+        // Closed once; a cell without an open incident has nothing to close.
+        assert!(judge.expire(&cell, 61_000).is_none());
+        // The cell's next window starts a new incident.
+        let next = judge.judge(&window(70), &[0.0, 3.0]);
+        assert_eq!(
+            next.event.unwrap().incident.unwrap().status,
+            IncidentStatus::Open
+        );
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub fn severity(score: f64, threshold: f64) -> Option<Severity> {
 }
 
 /// The score of one window and its parts.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Score {
     pub score: f64,
     /// `(node slot, channel, e[n,c])` for every entry observed in the scored steps.
