@@ -228,6 +228,10 @@ pub struct EvalArgs {
     /// Also write the report as JSON to this file (`-`: standard output, instead of the table).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also write every test point of every cell to this CSV file: series, cell, step start,
+    /// the score and threshold of the window ending with that step, flagged, label.
+    #[arg(long, value_name = "FILE")]
+    pub points_csv: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -731,6 +735,7 @@ fn eval_command(args: EvalArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         batch: args.batch,
         progress: !args.quiet,
+        points_csv: args.points_csv,
     };
     let report = eval::run(&config, &options)?;
     let json = serde_json::to_string_pretty(&report)?;

@@ -67,6 +67,8 @@ fn eval_scores_the_simulated_plant_and_its_baselines() {
             "--quiet",
             "--json",
             "-",
+            "--points-csv",
+            "points.csv",
             "plant.csv",
         ],
     );
@@ -104,6 +106,24 @@ fn eval_scores_the_simulated_plant_and_its_baselines() {
         metric(0, "event_recall")
     );
     assert!(results[0]["attribution"]["top1_share"].as_f64().unwrap() >= 0.9);
+    // The points written out are the ones the metrics count.
+    let mut points = csv::Reader::from_path(dir.path().join("points.csv")).unwrap();
+    let rows: Vec<csv::StringRecord> = points.records().map(Result::unwrap).collect();
+    let count = |column: usize| rows.iter().filter(|r| &r[column] == "1").count() as u64;
+    let counted = |k: &str| results[0]["metrics"][k].as_u64().unwrap();
+    assert_eq!(rows.len() as u64, d["test_points"].as_u64().unwrap());
+    assert_eq!(
+        count(5),
+        counted("true_positives") + counted("false_positives")
+    );
+    assert_eq!(count(6), d["anomalous_points"].as_u64().unwrap());
+    // Every step of the test part closes a window, judged by the contract's threshold.
+    let threshold: f64 = rows[0][4].parse().unwrap();
+    assert!(threshold > 0.0);
+    assert!(
+        rows.iter()
+            .all(|r| r[3].parse::<f64>().is_ok() && r[4].parse::<f64>() == Ok(threshold))
+    );
     for baseline in 1..4 {
         assert!(
             metric(0, "f1") > metric(baseline, "f1"),

@@ -79,6 +79,8 @@ pub struct EvalOptions {
     pub seed: u64,
     pub batch: usize,
     pub progress: bool,
+    /// Where to write every test point (`--points-csv`).
+    pub points_csv: Option<PathBuf>,
 }
 
 /// What the run found, for people (`report_text`) and machines (JSON).
@@ -163,6 +165,8 @@ struct CellRun {
     judge: Option<Judge>,
     /// Window end → flagged.
     flagged: HashMap<i64, bool>,
+    /// Window end → (score, threshold), kept only for `--points-csv`.
+    scored: HashMap<i64, (f64, f64)>,
     /// Flagged test windows: (window end, per node the largest entry).
     attributions: Vec<(i64, NodeScores)>,
 }
@@ -233,6 +237,23 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
     let mut baseline_last: Vec<Vec<bool>> = Vec::new();
     let mut track_cells: Vec<(usize, Arc<str>)> = Vec::new();
     let mut thresholds = Vec::new();
+    let mut points = match options.points_csv.as_ref() {
+        Some(path) => {
+            let mut out = csv::Writer::from_path(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            out.write_record([
+                "series",
+                "cell",
+                "step_ms",
+                "score",
+                "threshold",
+                "flagged",
+                "label",
+            ])?;
+            Some(out)
+        }
+        None => None,
+    };
     let mut runs: Vec<HashMap<Arc<str>, CellRun>> = Vec::new();
 
     for (si, s) in series.iter().enumerate() {
@@ -335,6 +356,10 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                     let judgement = judge.judge(w, r);
                     let score = judgement.score;
                     cell.flagged.insert(w.end_ms, judgement.anomalous);
+                    if options.points_csv.is_some() {
+                        cell.scored
+                            .insert(w.end_ms, (score.score, judgement.threshold));
+                    }
                     if judgement.anomalous {
                         let mut per_node: NodeScores = Vec::new();
                         for &(slot, _, e) in &score.entries {
@@ -439,13 +464,26 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                         && (r.nodes.is_empty()
                             || nodes_here.iter().any(|&n| r.nodes.contains(&s.nodes[n])))
                 });
+                let flagged = run
+                    .and_then(|r| r.flagged.get(&end))
+                    .copied()
+                    .unwrap_or(false);
+                if let Some(out) = points.as_mut() {
+                    let scored = run.and_then(|r| r.scored.get(&end));
+                    let number = |v: Option<f64>| v.map_or_else(String::new, |v| v.to_string());
+                    out.write_record([
+                        s.name.as_str(),
+                        cell,
+                        &t.to_string(),
+                        &number(scored.map(|x| x.0)),
+                        &number(scored.map(|x| x.1)),
+                        if flagged { "1" } else { "0" },
+                        if by_row || by_range { "1" } else { "0" },
+                    ])?;
+                }
                 track.times_ms.push(t);
                 track.labels.push(by_row || by_range);
-                track.flagged.push(
-                    run.and_then(|r| r.flagged.get(&end))
-                        .copied()
-                        .unwrap_or(false),
-                );
+                track.flagged.push(flagged);
             }
             baseline_last.push(last_value_flags(s, &nodes_here, fit_rows, options));
             track_cells.push((si, Arc::clone(cell)));
@@ -494,6 +532,9 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
         runs.push(cells);
     }
     bar.finish_and_clear();
+    if let Some(mut out) = points {
+        out.flush().context("writing --points-csv")?;
+    }
 
     summary.test_points = tracks.iter().map(|t| t.labels.len() as u64).sum();
     summary.anomalous_points = tracks
