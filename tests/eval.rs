@@ -108,21 +108,28 @@ fn eval_scores_the_simulated_plant_and_its_baselines() {
     assert!(results[0]["attribution"]["top1_share"].as_f64().unwrap() >= 0.9);
     // The points written out are the ones the metrics count.
     let mut points = csv::Reader::from_path(dir.path().join("points.csv")).unwrap();
-    let rows: Vec<csv::StringRecord> = points.records().map(Result::unwrap).collect();
+    let (fit, rows): (Vec<csv::StringRecord>, Vec<_>) = points
+        .records()
+        .map(Result::unwrap)
+        .partition(|r| &r[2] == "fit");
+    // The fit part's windows are scored too, for rules fitted on them; its first steps have
+    // no whole window yet.
+    assert_eq!(fit.len(), 300 * 3);
+    assert!(fit.iter().filter(|r| r[4].parse::<f64>().is_ok()).count() > 250 * 3);
     let count = |column: usize| rows.iter().filter(|r| &r[column] == "1").count() as u64;
     let counted = |k: &str| results[0]["metrics"][k].as_u64().unwrap();
     assert_eq!(rows.len() as u64, d["test_points"].as_u64().unwrap());
     assert_eq!(
-        count(5),
+        count(6),
         counted("true_positives") + counted("false_positives")
     );
-    assert_eq!(count(6), d["anomalous_points"].as_u64().unwrap());
+    assert_eq!(count(7), d["anomalous_points"].as_u64().unwrap());
     // Every step of the test part closes a window, judged by the contract's threshold.
-    let threshold: f64 = rows[0][4].parse().unwrap();
+    let threshold: f64 = rows[0][5].parse().unwrap();
     assert!(threshold > 0.0);
     assert!(
         rows.iter()
-            .all(|r| r[3].parse::<f64>().is_ok() && r[4].parse::<f64>() == Ok(threshold))
+            .all(|r| r[4].parse::<f64>().is_ok() && r[5].parse::<f64>() == Ok(threshold))
     );
     for baseline in 1..4 {
         assert!(

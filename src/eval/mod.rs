@@ -165,7 +165,7 @@ struct CellRun {
     judge: Option<Judge>,
     /// Window end → flagged.
     flagged: HashMap<i64, bool>,
-    /// Window end → (score, threshold), kept only for `--points-csv`.
+    /// Window end → (score, threshold; NaN in the fit range), kept only for `--points-csv`.
     scored: HashMap<i64, (f64, f64)>,
     /// Flagged test windows: (window end, per node the largest entry).
     attributions: Vec<(i64, NodeScores)>,
@@ -244,6 +244,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
             out.write_record([
                 "series",
                 "cell",
+                "part",
                 "step_ms",
                 "score",
                 "threshold",
@@ -307,7 +308,11 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                 for (w, r) in chunk.iter().zip(&recon) {
                     let cell = cells.entry(Arc::clone(&w.cell)).or_default();
                     if w.end_ms <= fit_end_ms {
-                        cell.fit_scores.push(detector.score(w, r).score);
+                        let score = detector.score(w, r).score;
+                        cell.fit_scores.push(score);
+                        if options.points_csv.is_some() {
+                            cell.scored.insert(w.end_ms, (score, f64::NAN));
+                        }
                         if let Some(config) = config.detect.divergence.as_ref() {
                             cell.divergence
                                 .get_or_insert_with(|| detector.divergence(config))
@@ -454,6 +459,24 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                 cadence_ms: cadence,
                 ..Track::default()
             };
+            if let Some(out) = points.as_mut() {
+                for row in 0..fit_rows {
+                    let t = s.times_ms[row];
+                    let end = (t.div_euclid(cadence) + 1) * cadence;
+                    let score = run.and_then(|r| r.scored.get(&end));
+                    let score = score.map_or_else(String::new, |x| x.0.to_string());
+                    out.write_record([
+                        &s.name,
+                        &**cell,
+                        "fit",
+                        &t.to_string(),
+                        &score,
+                        "",
+                        "",
+                        "",
+                    ])?;
+                }
+            }
             for row in test_rows.clone() {
                 let t = s.times_ms[row];
                 let end = (t.div_euclid(cadence) + 1) * cadence;
@@ -474,6 +497,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                     out.write_record([
                         s.name.as_str(),
                         cell,
+                        "test",
                         &t.to_string(),
                         &number(scored.map(|x| x.0)),
                         &number(scored.map(|x| x.1)),
