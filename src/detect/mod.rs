@@ -59,7 +59,7 @@ pub fn event_id(model: &str, version: &str, cell: &str, window_end_ms: i64) -> S
 pub fn severity(score: f64, threshold: f64) -> Option<Severity> {
     let ratio = score / threshold;
     match ratio {
-        r if !(r >= 1.0) => None,
+        r if r.is_nan() || r < 1.0 => None,
         r if r < 2.0 => Some(Severity::Low),
         r if r < 4.0 => Some(Severity::Medium),
         r if r < 8.0 => Some(Severity::High),

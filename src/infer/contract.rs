@@ -181,16 +181,16 @@ impl ModelContract {
         if self
             .channels
             .iter()
-            .any(|c| !(c.std > 0.0) || !c.mean.is_finite())
+            .any(|c| !positive(c.std) || !c.mean.is_finite())
         {
             return Err("every channel needs a finite mean and a positive std".into());
         }
         if self.calibration.error_scale.len() != self.channels.len()
-            || self.calibration.error_scale.iter().any(|s| !(*s > 0.0))
+            || self.calibration.error_scale.iter().any(|&s| !positive(s))
         {
             return Err("calibration.error_scale needs one positive value per channel".into());
         }
-        if !(self.calibration.threshold > 0.0) {
+        if !positive(self.calibration.threshold) {
             return Err("calibration.threshold must be positive".into());
         }
         Ok(())
@@ -239,4 +239,9 @@ impl ModelContract {
     pub fn label(&self) -> String {
         format!("{}/{}", self.name, self.version)
     }
+}
+
+/// Greater than zero; false for NaN.
+fn positive(x: f64) -> bool {
+    x > 0.0
 }

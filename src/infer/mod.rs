@@ -393,7 +393,9 @@ pub async fn run_batches(
 
 /// What identifies the model files on disk: the contract's bytes and the ONNX file's size and
 /// modification time.
-fn fingerprint(contract: &Path) -> Option<(Vec<u8>, Option<(u64, std::time::SystemTime)>)> {
+type Fingerprint = (Vec<u8>, Option<(u64, std::time::SystemTime)>);
+
+fn fingerprint(contract: &Path) -> Option<Fingerprint> {
     let bytes = std::fs::read(contract).ok()?;
     let onnx = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
