@@ -408,8 +408,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_silent_cell_gets_the_close_of_its_open_incident() {
+    /// The one-node judge with incidents: open at the first anomalous window, close at the
+    /// second normal one, no periodic updates.
+    fn incident_judge() -> Judge {
         let config = DetectConfig {
             incidents: Some(crate::detect::incident::IncidentConfig {
                 open_after: 1,
@@ -418,7 +419,12 @@ mod tests {
             }),
             ..DetectConfig::default()
         };
-        let mut judge = Judge::new(detector(), &config);
+        Judge::new(detector(), &config)
+    }
+
+    #[test]
+    fn a_silent_cell_gets_the_close_of_its_open_incident() {
+        let mut judge = incident_judge();
         // Windows end at 2, 3 and 4 s; the last two are anomalous, 9 is 4.5 × the threshold.
         let js = judge_scores(&mut judge, &[1.0, 3.0, 9.0]);
         let open = js[1].event.clone().unwrap();
@@ -448,15 +454,7 @@ mod tests {
 
     #[test]
     fn incidents_publish_open_updates_and_close() {
-        let config = DetectConfig {
-            incidents: Some(crate::detect::incident::IncidentConfig {
-                open_after: 1,
-                close_after: 2,
-                update_every: 0,
-            }),
-            ..DetectConfig::default()
-        };
-        let mut judge = Judge::new(detector(), &config);
+        let mut judge = incident_judge();
         // normal, anomalous ×3 (severity rises at the third), normal, anomalous, normal ×2.
         let js = judge_scores(&mut judge, &[1.0, 3.0, 3.0, 9.0, 1.0, 3.0, 1.0, 1.0, 1.0]);
         let status: Vec<Option<IncidentStatus>> = js
