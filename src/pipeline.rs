@@ -472,7 +472,7 @@ struct Ingest {
     stats: Arc<Stats>,
     policy: BadInputPolicy,
     windows: mpsc::Sender<Window>,
-    /// Windows sent so far, to place the cells of revoked partitions among them.
+    /// Windows sent so far, to place the cells ingest stops holding among them.
     sent: u64,
     ended: mpsc::UnboundedSender<Ended>,
     letters: mpsc::Sender<PendingLetter>,
@@ -532,14 +532,7 @@ impl Ingest {
         for (topic, partition) in consumer.context().take_revoked() {
             let id = self.partitions.id(&topic, partition);
             let cells = self.assembler.forget_partition(id);
-            if !cells.is_empty() {
-                // Fails only when the judging task has ended, and then nothing is left to drop.
-                let cells = cells.into_iter().map(|c| (c, Ending::Revoked)).collect();
-                let _ = self.ended.send(Ended {
-                    after: self.sent,
-                    cells,
-                });
-            }
+            self.end(cells.into_iter().map(|c| (c, Ending::Revoked)).collect());
             self.ledger.lock().expect("ledger lock").forget(id);
             tracing::debug!(topic, partition, "Forgot a revoked partition's windows.");
         }
@@ -685,21 +678,28 @@ impl Ingest {
                 }
             }
             telemetry::windows_closed(&self.stats, closed.emitted, closed.sparse, closed.warmup);
-            if !closed.silent.is_empty() {
-                let cells = closed.silent.into_iter();
-                let cells = cells
+            let silent = closed.silent.into_iter();
+            self.end(
+                silent
                     .map(|(c, at_ms)| (c, Ending::Silent { at_ms }))
-                    .collect();
-                // Fails only when the judging task has ended, and then nothing is left to close.
-                let _ = self.ended.send(Ended {
-                    after: self.sent,
-                    cells,
-                });
-            }
+                    .collect(),
+            );
             self.emit().await?;
         }
         self.decoded = readings;
         Ok(())
+    }
+
+    /// Tells the judging task about cells no longer held, placed after the windows sent so far.
+    fn end(&self, cells: Vec<(Arc<str>, Ending)>) {
+        if cells.is_empty() {
+            return;
+        }
+        // Fails only when the judging task has ended, and then nothing is left to end.
+        let _ = self.ended.send(Ended {
+            after: self.sent,
+            cells,
+        });
     }
 
     /// Sends the windows that just closed to inference, holding their offsets first.
