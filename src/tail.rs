@@ -35,13 +35,17 @@ pub fn utc(ms: i64) -> String {
 }
 
 /// One readable line for an event: window end, cell, severity, score vs threshold, top
-/// contributors.
+/// contributors (for a silent cell's CLOSE, since when it has been silent).
 pub fn event_line(e: &AnomalyEvent) -> String {
-    let contributors: Vec<String> = e
+    let mut contributors: Vec<String> = e
         .contributors
         .iter()
         .map(|c| format!("{} {} {:.0}%", c.node_id, c.channel, c.share * 100.0))
         .collect();
+    // The CLOSE of a cell that fell silent stands for no readings at all.
+    if e.node_count == 0 {
+        contributors.push(format!("no readings since {}", utc(e.window_start_ms)));
+    }
     let incident = e.incident.as_ref().map_or(String::new(), |i| {
         format!(
             "  [{} {} #{}]",
@@ -197,6 +201,31 @@ mod tests {
         assert_eq!(
             event_line(&event("line-1", Severity::Low)),
             "1970-01-01T00:00:16Z  line-1   LOW      score   12.50 / 10.00  n1 temperature 80%"
+        );
+    }
+
+    #[test]
+    fn a_silent_cells_close_says_since_when() {
+        let close = AnomalyEvent {
+            window_start_ms: 16_000,
+            window_end_ms: 620_000,
+            score: 0.0,
+            severity: Severity::High,
+            contributors: Vec::new(),
+            node_count: 0,
+            incident: Some(crate::schema::Incident {
+                incident_id: "1a2b3c4d-0000".into(),
+                status: crate::schema::IncidentStatus::Close,
+                opened_at_ms: 12_000,
+                windows: 3,
+                peak_score: 50.0,
+            }),
+            ..AnomalyEvent::sample("line-1", 16_000)
+        };
+        assert_eq!(
+            event_line(&close),
+            "1970-01-01T00:10:20Z  line-1   HIGH     score    0.00 / 10.00  \
+             no readings since 1970-01-01T00:00:16Z  [CLOSE 1a2b3c4d #3]"
         );
     }
 }

@@ -945,8 +945,8 @@ pub fn report_text(r: &Report) -> String {
             let _ = writeln!(
                 out,
                 "  {} .. {}  {}",
-                rfc3339(range.start_ms),
-                rfc3339(range.end_ms),
+                crate::tail::utc(range.start_ms),
+                crate::tail::utc(range.end_ms),
                 range.kind
             );
         }
@@ -979,11 +979,6 @@ pub fn report_text(r: &Report) -> String {
     }
     let _ = writeln!(out, "\n({:.1} s)", r.elapsed_s);
     out
-}
-
-fn rfc3339(ms: i64) -> String {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 #[cfg(test)]
