@@ -448,6 +448,10 @@ pub struct DetectConfig {
     /// follows the weather), and recalibrate the threshold (`threshold`, or `gridwatch eval`),
     /// since the model's calibrated one was fitted over every channel.
     pub score_channels: Vec<String>,
+    /// Where the judge keeps what it learnt across a graceful restart: written at shutdown,
+    /// read at start. Today the divergence baselines, so that a restart does not cost their
+    /// warm-up. Absent (default): nothing is kept.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for DetectConfig {
@@ -464,6 +468,7 @@ impl Default for DetectConfig {
             divergence: None,
             incidents: None,
             score_channels: Vec::new(),
+            state_file: None,
         }
     }
 }
@@ -732,6 +737,15 @@ impl Config {
         if let Some(Err(e)) = self.detect.divergence.as_ref().map(|d| d.validate()) {
             return invalid(format!("[detect.divergence] {e}"));
         }
+        if let Some(path) = self.detect.state_file.as_deref() {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            if dir.is_some_and(|d| !d.is_dir()) || path.is_dir() {
+                return invalid(format!(
+                    "[detect] state_file `{}` cannot be written: it is a directory, or the directory it names does not exist",
+                    path.display()
+                ));
+            }
+        }
         if let Some(Err(e)) = self.detect.incidents.as_ref().map(|i| i.validate()) {
             return invalid(format!("[detect.incidents] {e}"));
         }
@@ -935,6 +949,14 @@ mod tests {
         let f = file("[detect.divergence]\nmemory = \"6h\"\n");
         let c = Config::load(Some(f.path()), []).unwrap();
         assert_eq!(c.detect.divergence.map(|d| d.steps), Some(12));
+        let f = file("[detect]\nstate_file = \"/no/such/dir/judge.json\"\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("state_file"), "{message}");
+        let f = file("[detect]\nstate_file = \"judge.json\"\n");
+        assert!(
+            Config::load(Some(f.path()), []).is_ok(),
+            "a file in the working directory"
+        );
     }
 
     #[test]

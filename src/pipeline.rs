@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
 use crate::config::{BadInputPolicy, ClientRole, Config, TopicConfig};
 use crate::decode::{self, Decoder, PayloadKind};
-use crate::detect::{Detector, Judge, Judgement};
+use crate::detect::{Detector, Judge, JudgeState, Judgement};
 use crate::infer::contract::Standardisation;
 use crate::infer::{self, Inferred, Model, ModelContract};
 use crate::registry::Registry;
@@ -354,10 +354,14 @@ pub async fn run_with(
             })
         }
     };
+    let mut judge = Judge::new(loaded.detector, &config.detect);
+    if let Some(path) = config.detect.state_file.as_deref() {
+        restore_judge_state(&mut judge, path);
+    }
     let publish_task = tokio::spawn(publish_events(
         inferred_rx,
         Endings::new(ended_rx),
-        Judge::new(loaded.detector, &config.detect),
+        judge,
         Arc::clone(&sink),
         Arc::clone(&ledger),
         Arc::clone(&stats),
@@ -405,8 +409,11 @@ pub async fn run_with(
         let publish_result = publish_task.await?;
         let letters_result = letters_task.await?;
         infer_result?;
-        publish_result?;
+        let judge = publish_result?;
         letters_result?;
+        if let Some(path) = config.detect.state_file.as_deref() {
+            save_judge_state(&judge, path);
+        }
         anyhow::Ok(())
     };
     let drained = match tokio::time::timeout(config.pipeline.shutdown_timeout, drain).await {
@@ -864,7 +871,7 @@ async fn publish_events(
     ledger: Arc<Mutex<OffsetLedger>>,
     stats: Arc<Stats>,
     failed: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Judge> {
     let mut in_flight = FuturesUnordered::new();
     let release = |holds: &[(i32, i64)]| {
         let mut ledger = ledger.lock().expect("ledger lock");
@@ -941,7 +948,62 @@ async fn publish_events(
         telemetry::event_published(&stats, severity, latency);
         release(&holds);
     }
-    Ok(())
+    Ok(judge)
+}
+
+/// Wall-clock milliseconds since the epoch.
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Takes over the judge state saved at `path` by the last graceful stop, if any and if it
+/// fits (see [`Judge::restore`]); otherwise the judge learns from nothing, as without a file.
+fn restore_judge_state(judge: &mut Judge, path: &std::path::Path) {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(path = %path.display(), "No judge state saved yet; the judge learns from nothing.");
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "Cannot read the judge state; the judge learns from nothing.");
+            return;
+        }
+    };
+    let state = match serde_json::from_slice::<JudgeState>(&bytes) {
+        Ok(state) => state,
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "The judge state is not readable; the judge learns from nothing.");
+            return;
+        }
+    };
+    match judge.restore(state, now_ms()) {
+        Ok(cells) => {
+            tracing::info!(path = %path.display(), cells, "Restored the divergence baselines.")
+        }
+        Err(why) => tracing::warn!(path = %path.display(), "The judge state was not used: {why}."),
+    }
+}
+
+/// Saves the judge's state at `path`, through a file beside it renamed into place, so that a
+/// stop during the write leaves the last whole state. A failure is logged, not fatal: the
+/// events and offsets are already safe.
+fn save_judge_state(judge: &Judge, path: &std::path::Path) {
+    let state = judge.state(now_ms());
+    let cells = state.divergence.len();
+    let mut part = path.as_os_str().to_owned();
+    part.push(".part");
+    let written = serde_json::to_vec(&state)
+        .map_err(std::io::Error::other)
+        .and_then(|json| std::fs::write(&part, json))
+        .and_then(|()| std::fs::rename(&part, path));
+    match written {
+        Ok(()) => tracing::info!(path = %path.display(), cells, "Saved the judge state."),
+        Err(error) => {
+            tracing::error!(path = %path.display(), %error, "Could not save the judge state; the next start learns from nothing.")
+        }
+    }
 }
 
 /// Publishes dead letters and releases their holds once acknowledged.

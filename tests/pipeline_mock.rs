@@ -908,3 +908,78 @@ async fn a_silent_cell_gets_the_close_of_its_incident() {
     assert_eq!(close.node_count, 0);
     fixture.close();
 }
+
+/// With `[detect] state_file`, a graceful stop saves the divergence baselines and the next
+/// start takes them over: after a restart on the next readings, every baseline is the one that
+/// began before the stop, not a new one learning from nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_divergence_baselines_survive_a_graceful_restart() {
+    use gridwatch::detect::JudgeState;
+    let fixture = Fixture::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join("judge-state.json");
+    let mut config = config(&fixture.bootstrap);
+    config.detect.divergence = Some(gridwatch::detect::divergence::DivergenceConfig {
+        steps: 4,
+        warmup: Duration::from_secs(30),
+        ..Default::default()
+    });
+    config.detect.state_file = Some(state_file.clone());
+
+    let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
+    let steps = steps();
+    let mut produced = 0u64;
+    let mut pass = async |range: std::ops::Range<usize>| -> JudgeState {
+        for cells in &steps[range] {
+            for (cell, readings) in cells {
+                let payload = batches.encode(&records::batch_to_value(readings)).unwrap();
+                common::produce(&fixture.producer, READINGS, cell, &payload).await;
+                produced += 1;
+            }
+        }
+        // The restart resumes from the committed offsets, behind the last readings.
+        let resume: i64 = committed(&fixture.bootstrap, &config.source.group_id)
+            .values()
+            .sum();
+        let (stats, cancel, run) = start(&config);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = stats.snapshot();
+            if s.messages_consumed as i64 == produced as i64 - resume
+                && s.windows_scored == s.windows_emitted
+            {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "stalled: {s:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cancel.cancel();
+        run.await.unwrap().unwrap();
+        let saved = std::fs::read(&state_file).expect("a graceful stop saves the state");
+        serde_json::from_slice::<JudgeState>(&saved).unwrap()
+    };
+    let before = pass(0..60).await;
+    let after = pass(60..STEPS as usize).await;
+    assert_eq!(before.divergence.len(), 2, "both lines");
+    let field = |b: &gridwatch::detect::divergence::Baseline, name: &str| {
+        serde_json::to_value(b).unwrap()[name].as_i64().unwrap()
+    };
+    for (cell, baselines) in &before.divergence {
+        for (node, channel, b) in baselines {
+            let (_, _, a) = after.divergence[cell]
+                .iter()
+                .find(|(n, c, _)| n == node && c == channel)
+                .expect("still there");
+            assert_eq!(
+                field(a, "learning_since_ms"),
+                field(b, "learning_since_ms"),
+                "{cell} {node} {channel}: a new baseline after the restart"
+            );
+            assert!(
+                field(a, "windows") > field(b, "windows"),
+                "{cell} {node} {channel}"
+            );
+        }
+    }
+    fixture.close();
+}

@@ -127,8 +127,8 @@ impl DivergedAt {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Baseline {
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
     mean: f64,
     deviation: f64,
     windows: u64,
@@ -150,6 +150,9 @@ impl Baseline {
     }
 }
 
+/// One node/channel's baseline as a snapshot keeps it; the channel is the model's index.
+pub type BaselineEntry = (String, usize, Baseline);
+
 /// The baselines of one cell's nodes.
 #[derive(Debug, Clone)]
 pub struct Divergence {
@@ -169,6 +172,27 @@ impl Divergence {
         }
     }
 
+    /// Every baseline, in node and channel order.
+    pub fn baselines(&self) -> Vec<BaselineEntry> {
+        let mut entries: Vec<BaselineEntry> = self
+            .baselines
+            .iter()
+            .map(|((node, channel), b)| (node.to_string(), *channel, b.clone()))
+            .collect();
+        entries.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        entries
+    }
+
+    /// Takes over baselines another instance of this check learnt (a snapshot); channels the
+    /// model does not have are passed over.
+    pub fn adopt(&mut self, entries: Vec<BaselineEntry>) {
+        for (node, channel, baseline) in entries {
+            if channel < self.floors.len() {
+                self.baselines.insert((Arc::from(node), channel), baseline);
+            }
+        }
+    }
+
     /// Judges every node/channel of `window` against its baseline and learns from the window.
     pub fn observe(&mut self, window: &Window) -> Vec<DivergedAt> {
         let f = self.floors.len();
@@ -185,6 +209,13 @@ impl Divergence {
                 self.baselines.insert(key, Baseline::new(level, end));
                 continue;
             };
+            // Unheard of for longer than the memory (a sensor back from a long outage, or a
+            // baseline restored from a state saved long ago): what was usual then says
+            // nothing now, so it learns again.
+            if end - b.last_ms > memory_ms as i64 {
+                *b = Baseline::new(level, end);
+                continue;
+            }
             let deviation = b.deviation.max(self.floors[channel]);
             let learnt = end - b.learning_since_ms >= warmup_ms;
             let diverged = learnt && (level - b.mean).abs() > self.config.deviations * deviation;
@@ -350,6 +381,31 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!((found[0].slot, found[0].channel), (2, 0));
         assert!(found[0].level > found[0].usual);
+    }
+
+    #[test]
+    fn a_baseline_unheard_of_for_longer_than_the_memory_learns_again() {
+        let shifted =
+            |node: usize, step: i64| normal(node, step) + if node == 2 { 30.0 } else { 0.0 };
+        let learnt = || {
+            let mut check = Divergence::new(config(), &[10.0]);
+            for end in 12..576 {
+                check.observe(&window(end, 12, normal));
+            }
+            check
+        };
+        // Back after two hours, node c 30 higher: found.
+        let mut check = learnt();
+        assert!(!check.observe(&window(576 + 24, 12, shifted)).is_empty());
+        // Back after a day and a half (the memory is a day): what was usual then is not
+        // held against it; it learns again, warm-up and all.
+        let mut check = learnt();
+        for end in 1008..1008 + 100 {
+            assert!(
+                check.observe(&window(end, 12, shifted)).is_empty(),
+                "step {end}"
+            );
+        }
     }
 
     #[test]

@@ -19,10 +19,12 @@
 //!   instance's too: after a restart mid-incident the incident is opened again, under the id of
 //!   the first anomalous window the new instance sees.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::divergence::Divergence;
+use serde::{Deserialize, Serialize};
+
+use super::divergence::{BaselineEntry, Divergence};
 use super::incident::{IncidentTracker, Observation, Status, Transition};
 use super::spot::{Spot, Verdict};
 use super::{Detector, Score, severity};
@@ -47,6 +49,18 @@ struct CellThreshold {
     /// The fit failed (too few peaks): this cell stays on the static threshold.
     failed: bool,
     divergence: Option<Divergence>,
+}
+
+/// What a judge keeps across a graceful restart (`[detect] state_file`): the divergence
+/// baselines, which take a day to learn. Thresholds and incidents start again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgeState {
+    /// The model channels the baselines' channel indices refer to.
+    pub channels: Vec<String>,
+    /// When it was saved (wall clock, ms since the epoch).
+    pub saved_at_ms: i64,
+    /// Per cell, its nodes' divergence baselines.
+    pub divergence: BTreeMap<String, Vec<BaselineEntry>>,
 }
 
 /// Thresholds per cell and incidents, for one model.
@@ -204,6 +218,52 @@ impl Judge {
         (fixed, anomalous)
     }
 
+    /// What this judge has learnt that is worth keeping across a restart.
+    pub fn state(&self, saved_at_ms: i64) -> JudgeState {
+        let divergence = self
+            .cells
+            .iter()
+            .filter_map(|(cell, state)| Some((cell.to_string(), state.divergence.as_ref()?)))
+            .map(|(cell, d)| (cell, d.baselines()))
+            .collect();
+        JudgeState {
+            channels: self.detector.channels.clone(),
+            saved_at_ms,
+            divergence,
+        }
+    }
+
+    /// Takes over a saved state at `now_ms` (wall clock): the divergence baselines of every
+    /// cell in it. Refused, with the reason, when the check is off, when the model's channels
+    /// are not the ones the state was saved with, or when it is older than the check's memory
+    /// (the baselines would judge today by what was usual then). Returns the cells restored.
+    pub fn restore(&mut self, state: JudgeState, now_ms: i64) -> Result<usize, String> {
+        let Some(config) = self.config.divergence.clone() else {
+            return Err("[detect.divergence] is off".into());
+        };
+        if state.channels != self.detector.channels {
+            return Err(format!(
+                "it was saved for channels {:?}, the model has {:?}",
+                state.channels, self.detector.channels
+            ));
+        }
+        let age_ms = now_ms.saturating_sub(state.saved_at_ms);
+        if age_ms > config.memory.as_millis() as i64 {
+            return Err(format!(
+                "it is {} old, more than [detect.divergence] memory ({})",
+                humantime::format_duration(std::time::Duration::from_secs(age_ms as u64 / 1000)),
+                humantime::format_duration(config.memory)
+            ));
+        }
+        let cells = state.divergence.len();
+        for (cell, entries) in state.divergence {
+            let mut divergence = self.detector.divergence(&config);
+            divergence.adopt(entries);
+            self.adopt_divergence(&Arc::from(cell), divergence);
+        }
+        Ok(cells)
+    }
+
     /// Cells with judge state: a threshold, divergence baselines or an incident.
     pub fn cell_count(&self) -> usize {
         let incidents_only = self.incidents.as_ref().map_or(0, |t| {
@@ -353,6 +413,53 @@ mod tests {
         let event = j.event.expect("an anomalous window is published");
         assert_eq!(event.diverged.len(), 1, "{:?}", event.diverged);
         assert_eq!(event.diverged[0].node_id, "z");
+    }
+
+    #[test]
+    fn a_saved_state_restores_the_baselines_and_refuses_what_does_not_fit() {
+        let config = divergence_config();
+        let mut judge = Judge::new(three_node_detector("1", &config), &config);
+        for end_s in 2..200 {
+            judge.judge(&three_nodes(end_s, usual_z(end_s)), &[0.0; 6]);
+        }
+        let saved_at_ms = 1_000_000;
+        let json = serde_json::to_string(&judge.state(saved_at_ms)).unwrap();
+        let state: JudgeState = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            state,
+            judge.state(saved_at_ms),
+            "a JSON round trip keeps it whole"
+        );
+        assert_eq!(state.divergence["c"].len(), 3, "x, y and z on one channel");
+
+        // A new process, a minute later: it knows at once where z usually is.
+        let mut restored = Judge::new(three_node_detector("1", &config), &config);
+        assert_eq!(restored.restore(state.clone(), saved_at_ms + 60_000), Ok(1));
+        assert!(restored.judge(&three_nodes(200, 30.0), &[0.0; 6]).anomalous);
+
+        // Older than the memory (an hour), for another model's channels, or with the check
+        // off: refused, and the judge starts from nothing.
+        let mut fresh = Judge::new(three_node_detector("1", &config), &config);
+        let late = fresh.restore(state.clone(), saved_at_ms + 3_601_000);
+        assert!(
+            late.unwrap_err()
+                .contains("more than [detect.divergence] memory")
+        );
+        let other = JudgeState {
+            channels: vec!["b".into()],
+            ..state.clone()
+        };
+        assert!(
+            fresh
+                .restore(other, saved_at_ms)
+                .unwrap_err()
+                .contains("channels")
+        );
+        let off = DetectConfig::default();
+        let mut plain = Judge::new(three_node_detector("1", &off), &off);
+        assert!(plain.restore(state, saved_at_ms).is_err());
+        assert_eq!(fresh.cell_count(), 0);
+        assert!(!fresh.judge(&three_nodes(200, 30.0), &[0.0; 6]).anomalous);
     }
 
     #[test]

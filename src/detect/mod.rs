@@ -26,7 +26,7 @@ pub mod incident;
 pub mod judge;
 pub mod spot;
 
-pub use judge::{Judge, Judgement};
+pub use judge::{Judge, JudgeState, Judgement};
 
 use crate::assemble::Window;
 use crate::config::DetectConfig;
