@@ -19,11 +19,15 @@
 //! - A diverged level does not move its baseline, so a drift cannot teach it that the drift is
 //!   normal; a node still diverged `memory` after it first diverged starts a new baseline (a
 //!   sensor moved or recalibrated for good is reported for `memory`, then accepted).
+//! - A baseline whose node/channel had no level for longer than `memory` starts again at its
+//!   next level (what was usual then says nothing now).
 //! - Windows must reach a cell in time order; one that does not end after the last one seen
 //!   is judged but does not move the baseline (a replay after a restart).
-//! - State is this instance's, like SPOT's: a restart or a rebalance starts every baseline
-//!   again, and the check is blind for `warmup`. A new model keeps them (they compare sensors
-//!   with each other, not with a model; see [`crate::detect::Judge::for_model`]).
+//! - State is this instance's, like SPOT's: a rebalance starts every baseline again, and the
+//!   check is blind for `warmup`; so does a restart, unless `[detect] state_file` carried the
+//!   baselines over ([`Divergence::baselines`], [`Divergence::adopt`]). A new model keeps them
+//!   (they compare sensors with each other, not with a model; see
+//!   [`crate::detect::Judge::for_model`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
