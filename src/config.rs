@@ -449,8 +449,8 @@ pub struct DetectConfig {
     /// since the model's calibrated one was fitted over every channel.
     pub score_channels: Vec<String>,
     /// Where the judge keeps what it learnt across a graceful restart: written at shutdown,
-    /// read at start. Today the divergence baselines, so that a restart does not cost their
-    /// warm-up. Absent (default): nothing is kept.
+    /// read at start. The divergence baselines and the SPOT thresholds, so that a restart does
+    /// not cost their warm-up. Absent (default): nothing is kept.
     pub state_file: Option<PathBuf>,
 }
 

@@ -978,11 +978,18 @@ fn restore_judge_state(judge: &mut Judge, path: &std::path::Path) {
             return;
         }
     };
-    match judge.restore(state, now_ms()) {
-        Ok(cells) => {
-            tracing::info!(path = %path.display(), cells, "Restored the divergence baselines.")
+    let restored = judge.restore(state, now_ms());
+    for (part, result) in [
+        ("divergence baselines", restored.divergence),
+        ("SPOT thresholds", restored.spot),
+    ] {
+        match result {
+            Ok(0) => {}
+            Ok(cells) => tracing::info!(path = %path.display(), cells, "Restored the {part}."),
+            Err(why) => {
+                tracing::warn!(path = %path.display(), "The saved {part} were not used: {why}.")
+            }
         }
-        Err(why) => tracing::warn!(path = %path.display(), "The judge state was not used: {why}."),
     }
 }
 

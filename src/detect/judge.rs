@@ -8,7 +8,8 @@
 //! - Under the `spot` policy each cell has its own streaming peaks-over-threshold threshold
 //!   ([`Spot`]). Until the cell has one — fitted on its first `spot_init_windows` scores, or by
 //!   [`Judge::calibrate`] — the model's calibrated threshold decides. SPOT's state is this
-//!   instance's: a restart, a rebalance or a new model starts it again from the calibration.
+//!   instance's: a rebalance or a new model starts it again from the calibration, and so does
+//!   a restart unless a saved [`JudgeState`] of the same model and settings is restored.
 //! - With `[detect.divergence]` each cell keeps its nodes' baselines ([`Divergence`]), fed every
 //!   window the judge sees; a node found diverged makes the window anomalous under either
 //!   policy. That state is this instance's too, but a judge for a new model takes it over
@@ -52,8 +53,9 @@ struct CellThreshold {
 }
 
 /// What a judge keeps across a graceful restart (`[detect] state_file`): the divergence
-/// baselines, which take a day to learn. Thresholds and incidents start again.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// baselines (a day to learn) and the SPOT thresholds (`spot_init_windows` windows to fit).
+/// Incidents start again.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct JudgeState {
     /// The model channels the baselines' channel indices refer to.
     pub channels: Vec<String>,
@@ -61,6 +63,29 @@ pub struct JudgeState {
     pub saved_at_ms: i64,
     /// Per cell, its nodes' divergence baselines.
     pub divergence: BTreeMap<String, Vec<BaselineEntry>>,
+    /// The model the SPOT states were fitted to (its ONNX file's SHA-256).
+    #[serde(default)]
+    pub model_hash: String,
+    /// Per cell, its SPOT state (`threshold_policy = "spot"` only).
+    #[serde(default)]
+    pub spot: BTreeMap<String, SpotState>,
+}
+
+/// One cell's SPOT state: the scores collected towards its fit, or its fitted tail.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SpotState {
+    warmup: Vec<f64>,
+    spot: Option<Spot>,
+    failed: bool,
+}
+
+/// What [`Judge::restore`] took over of a saved state, or why not, per part.
+#[derive(Debug, PartialEq)]
+pub struct Restored {
+    /// Cells whose divergence baselines were taken over.
+    pub divergence: Result<usize, String>,
+    /// Cells whose SPOT state was taken over.
+    pub spot: Result<usize, String>,
 }
 
 /// Thresholds per cell and incidents, for one model.
@@ -226,42 +251,105 @@ impl Judge {
             .filter_map(|(cell, state)| Some((cell.to_string(), state.divergence.as_ref()?)))
             .map(|(cell, d)| (cell, d.baselines()))
             .collect();
+        let spot = self
+            .cells
+            .iter()
+            .filter(|(_, s)| s.spot.is_some() || !s.warmup.is_empty() || s.failed)
+            .map(|(cell, s)| {
+                let state = SpotState {
+                    warmup: s.warmup.clone(),
+                    spot: s.spot.clone(),
+                    failed: s.failed,
+                };
+                (cell.to_string(), state)
+            })
+            .collect();
         JudgeState {
             channels: self.detector.channels.clone(),
             saved_at_ms,
             divergence,
+            model_hash: self.detector.model_hash.clone(),
+            spot,
         }
     }
 
-    /// Takes over a saved state at `now_ms` (wall clock): the divergence baselines of every
-    /// cell in it. Refused, with the reason, when the check is off, when the model's channels
-    /// are not the ones the state was saved with, or when it is older than the check's memory
-    /// (the baselines would judge today by what was usual then). Returns the cells restored.
-    pub fn restore(&mut self, state: JudgeState, now_ms: i64) -> Result<usize, String> {
+    /// Takes over a saved state at `now_ms` (wall clock), each part where it fits: the
+    /// divergence baselines (see [`Judge::restore_divergence`]) and the SPOT states, which
+    /// need the same model and the same `[detect.spot]` settings.
+    pub fn restore(&mut self, state: JudgeState, now_ms: i64) -> Restored {
+        let spot = self.restore_spot(&state.model_hash, state.spot);
+        let divergence =
+            self.restore_divergence(state.channels, state.saved_at_ms, state.divergence, now_ms);
+        Restored { divergence, spot }
+    }
+
+    fn restore_spot(
+        &mut self,
+        model_hash: &str,
+        cells: BTreeMap<String, SpotState>,
+    ) -> Result<usize, String> {
+        if cells.is_empty() {
+            return Ok(0);
+        }
+        if self.config.threshold_policy != ThresholdPolicy::Spot {
+            return Err("threshold_policy is not \"spot\" any more".into());
+        }
+        if model_hash != self.detector.model_hash {
+            return Err("the SPOT thresholds were fitted to another model".into());
+        }
+        let config = &self.config.spot;
+        if cells
+            .values()
+            .any(|s| s.spot.as_ref().is_some_and(|s| s.config() != config))
+        {
+            return Err("[detect.spot] changed since the SPOT thresholds were fitted".into());
+        }
+        let restored = cells.len();
+        for (cell, s) in cells {
+            let state = self.cells.entry(Arc::from(cell)).or_default();
+            (state.warmup, state.spot, state.failed) = (s.warmup, s.spot, s.failed);
+        }
+        Ok(restored)
+    }
+
+    /// Takes over saved divergence baselines. Refused, with the reason, when the check is
+    /// off, when the model's channels are not the ones they were saved with, or when they
+    /// are older than the check's memory (they would judge today by what was usual then).
+    /// Returns the cells restored.
+    fn restore_divergence(
+        &mut self,
+        channels: Vec<String>,
+        saved_at_ms: i64,
+        cells: BTreeMap<String, Vec<BaselineEntry>>,
+        now_ms: i64,
+    ) -> Result<usize, String> {
+        if cells.is_empty() {
+            return Ok(0);
+        }
         let Some(config) = self.config.divergence.clone() else {
             return Err("[detect.divergence] is off".into());
         };
-        if state.channels != self.detector.channels {
+        if channels != self.detector.channels {
             return Err(format!(
-                "it was saved for channels {:?}, the model has {:?}",
-                state.channels, self.detector.channels
+                "they were saved for channels {channels:?}, the model has {:?}",
+                self.detector.channels
             ));
         }
-        let age_ms = now_ms.saturating_sub(state.saved_at_ms);
+        let age_ms = now_ms.saturating_sub(saved_at_ms);
         if age_ms > config.memory.as_millis() as i64 {
             return Err(format!(
-                "it is {} old, more than [detect.divergence] memory ({})",
+                "they are {} old, more than [detect.divergence] memory ({})",
                 humantime::format_duration(std::time::Duration::from_secs(age_ms as u64 / 1000)),
                 humantime::format_duration(config.memory)
             ));
         }
-        let cells = state.divergence.len();
-        for (cell, entries) in state.divergence {
+        let restored = cells.len();
+        for (cell, entries) in cells {
             let mut divergence = self.detector.divergence(&config);
             divergence.adopt(entries);
             self.adopt_divergence(&Arc::from(cell), divergence);
         }
-        Ok(cells)
+        Ok(restored)
     }
 
     /// Cells with judge state: a threshold, divergence baselines or an incident.
@@ -426,21 +514,31 @@ mod tests {
         let json = serde_json::to_string(&judge.state(saved_at_ms)).unwrap();
         let state: JudgeState = serde_json::from_str(&json).unwrap();
         assert_eq!(
-            state,
-            judge.state(saved_at_ms),
+            serde_json::to_string(&state).unwrap(),
+            json,
             "a JSON round trip keeps it whole"
         );
         assert_eq!(state.divergence["c"].len(), 3, "x, y and z on one channel");
+        assert!(state.spot.is_empty(), "the static policy has no SPOT state");
 
         // A new process, a minute later: it knows at once where z usually is.
         let mut restored = Judge::new(three_node_detector("1", &config), &config);
-        assert_eq!(restored.restore(state.clone(), saved_at_ms + 60_000), Ok(1));
+        let took = restored.restore(state.clone(), saved_at_ms + 60_000);
+        assert_eq!(
+            took,
+            Restored {
+                divergence: Ok(1),
+                spot: Ok(0)
+            }
+        );
         assert!(restored.judge(&three_nodes(200, 30.0), &[0.0; 6]).anomalous);
 
         // Older than the memory (an hour), for another model's channels, or with the check
         // off: refused, and the judge starts from nothing.
         let mut fresh = Judge::new(three_node_detector("1", &config), &config);
-        let late = fresh.restore(state.clone(), saved_at_ms + 3_601_000);
+        let late = fresh
+            .restore(state.clone(), saved_at_ms + 3_601_000)
+            .divergence;
         assert!(
             late.unwrap_err()
                 .contains("more than [detect.divergence] memory")
@@ -449,17 +547,58 @@ mod tests {
             channels: vec!["b".into()],
             ..state.clone()
         };
-        assert!(
-            fresh
-                .restore(other, saved_at_ms)
-                .unwrap_err()
-                .contains("channels")
-        );
+        let other = fresh.restore(other, saved_at_ms).divergence;
+        assert!(other.unwrap_err().contains("channels"));
         let off = DetectConfig::default();
         let mut plain = Judge::new(three_node_detector("1", &off), &off);
-        assert!(plain.restore(state, saved_at_ms).is_err());
+        assert!(plain.restore(state, saved_at_ms).divergence.is_err());
         assert_eq!(fresh.cell_count(), 0);
         assert!(!fresh.judge(&three_nodes(200, 30.0), &[0.0; 6]).anomalous);
+    }
+
+    #[test]
+    fn a_saved_spot_threshold_is_taken_over_by_the_same_model_only() {
+        let config = DetectConfig {
+            threshold_policy: ThresholdPolicy::Spot,
+            spot_init_windows: 200,
+            spot: crate::detect::spot::SpotConfig {
+                risk: 1e-3,
+                init_level: 0.9,
+                ..Default::default()
+            },
+            ..DetectConfig::default()
+        };
+        let scores: Vec<f64> = (0..200)
+            .map(|i| (i * 37 % 200) as f64 / 200.0 * 1.9)
+            .collect();
+        let mut judge = Judge::new(detector(), &config);
+        judge_scores(&mut judge, &scores);
+        let fitted = judge.threshold_of("c");
+        assert_ne!(fitted, 2.0, "fitted after 200 windows");
+        let state = judge.state(0);
+
+        let mut restored = Judge::new(detector(), &config);
+        assert_eq!(
+            restored.threshold_of("c"),
+            2.0,
+            "the static threshold until fitted"
+        );
+        assert_eq!(restored.restore(state.clone(), 0).spot, Ok(1));
+        assert_eq!(restored.threshold_of("c"), fitted);
+
+        // Another model (another ONNX hash), or other SPOT settings: not taken over.
+        let mut contract =
+            crate::detect::test_support::contract("1", (2, 1, 1), &["a"], vec![1.0], 2.0);
+        contract.onnx_sha256 = "another file".into();
+        let mut other_model = Judge::new(Detector::new(&contract, &config), &config);
+        let refused = other_model.restore(state.clone(), 0).spot;
+        assert!(refused.unwrap_err().contains("another model"));
+        let mut changed = config.clone();
+        changed.spot.risk /= 10.0;
+        let mut other_settings = Judge::new(detector(), &changed);
+        let refused = other_settings.restore(state, 0).spot;
+        assert!(refused.unwrap_err().contains("[detect.spot] changed"));
+        assert_eq!(other_settings.threshold_of("c"), 2.0);
     }
 
     #[test]

@@ -160,8 +160,9 @@ pub enum Verdict {
     Normal,
 }
 
-/// Streaming peaks-over-threshold detector of one cell's scores.
-#[derive(Clone)]
+/// Streaming peaks-over-threshold detector of one cell's scores. Serialisable, so that a
+/// fitted tail can be kept across a restart (`[detect] state_file`).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct Spot {
     config: SpotConfig,
     /// Initial threshold `t` (DSPOT: of `x − M`).
@@ -181,6 +182,7 @@ pub struct Spot {
     /// DSPOT's window of the last `depth` scores taken in.
     baseline: Option<Baseline>,
     /// Reused buffer of the normalised excesses during a fit.
+    #[serde(skip)]
     scratch: Vec<f64>,
 }
 
@@ -267,6 +269,11 @@ impl Spot {
         };
         spot.refit();
         Ok(spot)
+    }
+
+    /// The settings it was fitted with.
+    pub fn config(&self) -> &SpotConfig {
+        &self.config
     }
 
     /// The current threshold `z_q` in score units (DSPOT: plus the current local mean): a
@@ -487,7 +494,7 @@ fn refine_root(y: &[f64], a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
 }
 
 /// DSPOT's window of the last `depth` scores taken in, with their mean.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Baseline {
     depth: usize,
     values: VecDeque<f64>,
