@@ -274,8 +274,9 @@ impl Judge {
     }
 
     /// Takes over a saved state at `now_ms` (wall clock), each part where it fits: the
-    /// divergence baselines (see [`Judge::restore_divergence`]) and the SPOT states, which
-    /// need the same model and the same `[detect.spot]` settings.
+    /// divergence baselines, which need the check on, the same model channels and a state no
+    /// older than the check's memory; the SPOT states, which need the same model file and the
+    /// same `[detect.spot]` settings.
     pub fn restore(&mut self, state: JudgeState, now_ms: i64) -> Restored {
         let spot = self.restore_spot(&state.model_hash, state.spot);
         let divergence =
