@@ -301,7 +301,8 @@ pub enum ModelCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// How long to run (wall clock), e.g. 60s, 5m. Ctrl-C ends early with the summary.
+    /// How long the plant runs at --speed, e.g. 60s, 5m: it publishes duration × speed of
+    /// event time, the same steps on any machine. Ctrl-C ends early with the summary.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Simulated seconds per wall-clock second.

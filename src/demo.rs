@@ -25,7 +25,8 @@ use crate::telemetry::{Stats, StatsSnapshot};
 /// How the demo runs.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// Wall-clock time to simulate.
+    /// How long the plant runs at `speed`: it publishes `duration × speed` of event time, a
+    /// fixed number of steps, however long a busy machine takes for them.
     pub duration: Duration,
     /// Event-time seconds per wall second.
     pub speed: f64,
@@ -180,7 +181,12 @@ pub async fn run(
         payload: PayloadKind::Batch,
         wire_format: config.source.wire_format,
         speed: options.speed,
-        steps: None,
+        // A fixed number of steps, not "whatever fits in the duration": the same seed gives the
+        // same readings, faults and bad input on a fast machine and a busy one.
+        steps: Some(
+            (options.duration.as_secs_f64() * options.speed * 1000.0 / cadence as f64).round()
+                as u64,
+        ),
         bad_input_every: options.bad_input_every,
     };
     simulate::publish_nodes(&client, &plant, &publish).await?;
@@ -208,7 +214,7 @@ pub async fn run(
         );
     }
     let stop_sim = CancellationToken::new();
-    let sim_task = {
+    let mut sim_task = {
         let (client, stop, verbose) = (client.clone(), stop_sim.clone(), options.verbose);
         tokio::spawn(async move {
             simulate::publish_readings(&client, plant, &publish, stop, |f| {
@@ -226,12 +232,13 @@ pub async fn run(
             .await
         })
     };
-    tokio::select! {
-        _ = tokio::time::sleep(options.duration) => {}
-        _ = cancel.cancelled() => {}
-    }
-    stop_sim.cancel();
-    let sim = sim_task.await??;
+    let sim = tokio::select! {
+        done = &mut sim_task => done??,
+        _ = cancel.cancelled() => {
+            stop_sim.cancel();
+            sim_task.await??
+        }
+    };
     // Let the pipeline catch up with what was published, then drain it.
     let settle = tokio::time::Instant::now() + Duration::from_secs(10);
     while stats.snapshot().messages_consumed < sim.messages && tokio::time::Instant::now() < settle
