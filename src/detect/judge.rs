@@ -557,9 +557,9 @@ mod tests {
         assert!(!fresh.judge(&three_nodes(200, 30.0), &[0.0; 6]).anomalous);
     }
 
-    #[test]
-    fn a_saved_spot_threshold_is_taken_over_by_the_same_model_only() {
-        let config = DetectConfig {
+    /// The SPOT policy, fitted after 200 windows at risk 1e-3 from the 0.9 quantile.
+    fn spot_config() -> DetectConfig {
+        DetectConfig {
             threshold_policy: ThresholdPolicy::Spot,
             spot_init_windows: 200,
             spot: crate::detect::spot::SpotConfig {
@@ -568,10 +568,20 @@ mod tests {
                 ..Default::default()
             },
             ..DetectConfig::default()
-        };
-        let scores: Vec<f64> = (0..200)
+        }
+    }
+
+    /// 200 normal scores spread in [0, 1.9): below the static threshold 2.
+    fn spread_scores() -> Vec<f64> {
+        (0..200)
             .map(|i| (i * 37 % 200) as f64 / 200.0 * 1.9)
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn a_saved_spot_threshold_is_taken_over_by_the_same_model_only() {
+        let config = spot_config();
+        let scores = spread_scores();
         let mut judge = Judge::new(detector(), &config);
         judge_scores(&mut judge, &scores);
         let fitted = judge.threshold_of("c");
@@ -751,21 +761,9 @@ mod tests {
 
     #[test]
     fn spot_takes_over_from_the_static_threshold_after_its_warm_up() {
-        let config = DetectConfig {
-            threshold_policy: ThresholdPolicy::Spot,
-            spot_init_windows: 200,
-            spot: crate::detect::spot::SpotConfig {
-                risk: 1e-3,
-                init_level: 0.9,
-                ..Default::default()
-            },
-            ..DetectConfig::default()
-        };
+        let config = spot_config();
         let mut judge = Judge::new(detector(), &config);
-        // Normal scores spread in [0, 1.9): below the static threshold 2.
-        let normal: Vec<f64> = (0..200)
-            .map(|i| (i * 37 % 200) as f64 / 200.0 * 1.9)
-            .collect();
+        let normal = spread_scores();
         let js = judge_scores(&mut judge, &normal);
         assert!(js.iter().all(|j| j.threshold == 2.0 && !j.anomalous));
         let spot = judge.threshold_of("c");
