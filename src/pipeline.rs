@@ -951,12 +951,6 @@ async fn publish_events(
     Ok(judge)
 }
 
-/// Wall-clock milliseconds since the epoch.
-fn now_ms() -> i64 {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    since.map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Takes over the judge state saved at `path` by the last graceful stop, if any and if it
 /// fits (see [`Judge::restore`]); otherwise the judge learns from nothing, as without a file.
 fn restore_judge_state(judge: &mut Judge, path: &std::path::Path) {
@@ -978,7 +972,7 @@ fn restore_judge_state(judge: &mut Judge, path: &std::path::Path) {
             return;
         }
     };
-    let restored = judge.restore(state, now_ms());
+    let restored = judge.restore(state, decode::wall_clock_ms());
     for (part, result) in [
         ("divergence baselines", restored.divergence),
         ("SPOT thresholds", restored.spot),
@@ -997,7 +991,7 @@ fn restore_judge_state(judge: &mut Judge, path: &std::path::Path) {
 /// stop during the write leaves the last whole state. A failure is logged, not fatal: the
 /// events and offsets are already safe.
 fn save_judge_state(judge: &Judge, path: &std::path::Path) {
-    let state = judge.state(now_ms());
+    let state = judge.state(decode::wall_clock_ms());
     let cells = state.divergence.len();
     let mut part = path.as_os_str().to_owned();
     part.push(".part");
