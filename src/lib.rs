@@ -46,5 +46,6 @@ pub mod schema;
 pub mod simulate;
 pub mod sink;
 pub mod source;
+pub mod table;
 pub mod tail;
 pub mod telemetry;

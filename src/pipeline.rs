@@ -36,6 +36,7 @@ use crate::schema::fast::Readings;
 use crate::schema::{self, AnomalyEvent, DeadLetterReason, RecordKind, SchemaIds, Severity};
 use crate::sink::{DeadLetter, Sink};
 use crate::source::{self, OffsetLedger, SourceContext, SourcePartitions};
+use crate::table;
 use crate::telemetry::{self, Health, Stats};
 
 /// Most publishes awaiting acknowledgement at once, per publisher.
@@ -236,35 +237,19 @@ async fn load_registry(
 ) -> anyhow::Result<Option<(Arc<Registry>, tokio::task::JoinHandle<anyhow::Result<()>>)>> {
     let resolution = h3o::Resolution::try_from(config.registry.h3_resolution)?;
     let registry = Arc::new(Registry::new(resolution, config.source.wire_format));
-    let registry_task = tokio::spawn(Arc::clone(&registry).follow(
-        client.clone(),
-        config.registry.topic.clone(),
-        cancel.child_token(),
-    ));
-    let deadline = tokio::time::Instant::now() + config.registry.load_timeout;
-    while !registry.is_loaded() {
-        if registry_task.is_finished() {
-            registry_task
-                .await?
-                .map_err(|e| e.context("the spatial-node reader failed"))?;
-            anyhow::bail!("the spatial-node reader stopped before the registry was loaded");
-        }
-        if tokio::time::Instant::now() > deadline {
-            registry_task.abort();
-            anyhow::bail!(
-                "the spatial-node topic `{}` was not read to its end within {:?} ([registry] load_timeout)",
-                config.registry.topic,
-                config.registry.load_timeout
-            );
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                registry_task.abort();
-                return Ok(None);
-            }
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
-    }
+    let Some(registry_task) = table::load(
+        &registry,
+        client,
+        &config.registry.topic,
+        "gridwatch-registry",
+        (config.registry.load_timeout, "[registry] load_timeout"),
+        cancel,
+        "spatial-node",
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
     tracing::info!(nodes = registry.len(), "Registry ready.");
     health.set_registry_loaded(true);
     health.set_broker_reachable(true);

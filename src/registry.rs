@@ -9,15 +9,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use dashmap::DashMap;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use tokio_util::sync::CancellationToken;
+use rdkafka::Message;
+use rdkafka::message::BorrowedMessage;
 
 use crate::FastHash;
 use crate::schema::{Codec, CodecError, RecordKind, ShapeError, SpatialNode, WireFormat};
+use crate::table::Table;
 use crate::telemetry;
 
 /// What the pipeline needs to know about a node.
@@ -135,87 +134,22 @@ impl Registry {
         self.nodes.insert(id, Arc::new(info));
         Ok(())
     }
+}
 
-    /// Reads the spatial-node topic from the beginning of every partition, marks the registry
-    /// loaded once it has caught up with the end offsets seen at start, then follows the topic
-    /// until `cancel` fires.
-    pub async fn follow(
-        self: Arc<Self>,
-        mut client: ClientConfig,
-        topic: String,
-        cancel: CancellationToken,
-    ) -> anyhow::Result<()> {
-        // librdkafka wants a group id even for a plain `assign`; this consumer never joins or
-        // commits to it, so every instance can share it.
-        client
-            .set("group.id", "gridwatch-registry")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest");
-        let consumer: StreamConsumer = client.create()?;
-        tracing::debug!(topic, "Fetching spatial-node topic metadata.");
-        let metadata = tokio::task::block_in_place(|| {
-            consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))
-        })?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic)
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        anyhow::ensure!(
-            !partitions.is_empty(),
-            "the spatial-node topic `{topic}` does not exist or has no partitions"
-        );
-        let mut assignment = TopicPartitionList::new();
-        let mut remaining = std::collections::HashMap::new();
-        for &partition in &partitions {
-            assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
-            let (_, high) = tokio::task::block_in_place(|| {
-                consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))
-            })?;
-            if high > 0 {
-                remaining.insert(partition, high);
-            }
+/// The registry is the fold of the spatial-node topic ([`crate::table`]).
+impl Table for Registry {
+    fn apply(&self, message: &BorrowedMessage<'_>) {
+        if let Err(error) = Registry::apply(self, message.key(), message.payload()) {
+            telemetry::node_record_rejected(message.partition(), message.offset(), &error);
         }
-        consumer.assign(&assignment)?;
-        tracing::debug!(topic, ?remaining, "Reading the spatial-node topic.");
-        if remaining.is_empty() {
-            self.mark_loaded();
-        }
-        loop {
-            let message = tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                message = consumer.recv() => message,
-            };
-            let message = match message {
-                Ok(m) => {
-                    tracing::trace!(
-                        partition = m.partition(),
-                        offset = m.offset(),
-                        "Node record."
-                    );
-                    m
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "Spatial-node consumer error; retrying.");
-                    continue;
-                }
-            };
-            if let Err(error) = self.apply(message.key(), message.payload()) {
-                telemetry::node_record_rejected(message.partition(), message.offset(), &error);
-            }
-            if !self.is_loaded()
-                && let Some(high) = remaining.get(&message.partition()).copied()
-                && message.offset() + 1 >= high
-            {
-                remaining.remove(&message.partition());
-                if remaining.is_empty() {
-                    tracing::info!(nodes = self.len(), "Spatial-node registry loaded.");
-                    self.mark_loaded();
-                }
-            }
-        }
+    }
+
+    fn mark_loaded(&self) {
+        Registry::mark_loaded(self);
+    }
+
+    fn is_loaded(&self) -> bool {
+        Registry::is_loaded(self)
     }
 }
 
