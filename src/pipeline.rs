@@ -421,6 +421,22 @@ pub async fn run_with(
     report
 }
 
+/// Whether a commit was refused because the group is rebalancing (or this member was already
+/// out of it).
+fn is_rebalance(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::RebalanceInProgress
+                | Code::IllegalGeneration
+                | Code::UnknownMemberId
+                | Code::AssignmentLost
+                | Code::State
+        )
+    )
+}
+
 /// Stores (and with `sync`, commits) the offsets the ledger allows.
 fn commit(
     consumer: &StreamConsumer<SourceContext>,
@@ -444,7 +460,17 @@ fn commit(
         report.committed.push((topic.clone(), *partition, offset));
     }
     if sync {
-        consumer.commit(&tpl, CommitMode::Sync)?;
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {}
+            // The group is rebalancing (another member left or joined as this one stops): the
+            // partitions' next owners resume from the last commit, never past what this
+            // instance finished, so what it did since is done again, not lost.
+            Err(error) if is_rebalance(&error) => {
+                tracing::warn!(%error, "The last commit was refused during a rebalance; the next owners resume from the commit before it.");
+                return Ok(RunReport::default());
+            }
+            Err(error) => return Err(error.into()),
+        }
     } else if let Err(error) = consumer.store_offsets(&tpl) {
         // A partition revoked a moment ago cannot be stored; the next owner resumes from the
         // last commit, which is never past what this instance finished.
