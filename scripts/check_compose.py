@@ -50,6 +50,7 @@ EXPECTED_TOPICS = {
     "spatial-nodes": (1, {"cleanup.policy": "compact"}),
     "anomalies": (6, {}),
     "gridwatch-dlq": (1, {}),
+    "gridwatch-judge-state": (1, {"cleanup.policy": "compact"}),
 }
 EXPECTED_SERVICES = {"kafka", "init-topics", "simulator", "gridwatch", "prometheus", "grafana"}
 ADMIN_PORT = 9464
@@ -416,6 +417,13 @@ def check_gridwatch_toml(r: Report, services: dict, created: dict, bootstrap: st
     )
     for key in ("events_topic", "dead_letter_topic"):
         r.check(sink.get(key) in created, f"gridwatch.toml: sink.{key} {sink.get(key)} is created")
+    changelog = config.get("detect", {}).get("changelog")
+    if changelog is not None:
+        topic = changelog.get("topic")
+        r.check(
+            topic in created and created[topic][1].get("cleanup.policy") == "compact",
+            f"gridwatch.toml: detect.changelog topic {topic} is created compacted",
+        )
 
     sim = command_of(services.get("simulator", {}))
     r.check(sim[:1] == ["simulate"], "simulator: runs `gridwatch simulate`")

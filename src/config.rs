@@ -452,6 +452,35 @@ pub struct DetectConfig {
     /// read at start. The divergence baselines and the SPOT thresholds, so that a restart does
     /// not cost their warm-up. Absent (default): nothing is kept.
     pub state_file: Option<PathBuf>,
+    /// Present: the judge's per-cell state (divergence baselines, SPOT thresholds) is also
+    /// written to a compacted topic, so a cell's new owner after a rebalance takes over what
+    /// the last owner learnt instead of learning from nothing (`src/changelog.rs`). Absent
+    /// (default): each instance's state is its own.
+    pub changelog: Option<ChangelogConfig>,
+}
+
+/// The judge-state changelog (`[detect.changelog]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangelogConfig {
+    /// The topic, created beforehand with `cleanup.policy=compact` (like the spatial-node
+    /// topic); every instance of the group reads all of it.
+    pub topic: String,
+    /// How often the state of the cells judged since the last write is written; a crash loses
+    /// at most this much learning.
+    #[serde(default = "default_changelog_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long a start may take to read the topic to its end before it fails.
+    #[serde(default = "default_changelog_load_timeout", with = "humantime_serde")]
+    pub load_timeout: Duration,
+}
+
+fn default_changelog_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_changelog_load_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl Default for DetectConfig {
@@ -469,6 +498,7 @@ impl Default for DetectConfig {
             incidents: None,
             score_channels: Vec::new(),
             state_file: None,
+            changelog: None,
         }
     }
 }
@@ -746,6 +776,25 @@ impl Config {
                 ));
             }
         }
+        if let Some(changelog) = self.detect.changelog.as_ref() {
+            if changelog.topic.is_empty() {
+                return invalid("[detect.changelog] topic is empty".into());
+            }
+            if outputs.contains(&&changelog.topic)
+                || self.source.topics.iter().any(|t| t.name == changelog.topic)
+            {
+                return invalid(format!(
+                    "[detect.changelog] topic `{}` is also a reading, node, event or dead-letter topic; use a topic of its own",
+                    changelog.topic
+                ));
+            }
+            if changelog.interval < Duration::from_secs(1) {
+                return invalid(format!(
+                    "[detect.changelog] interval is {:?}: use at least 1s",
+                    changelog.interval
+                ));
+            }
+        }
         if let Some(Err(e)) = self.detect.incidents.as_ref().map(|i| i.validate()) {
             return invalid(format!("[detect.incidents] {e}"));
         }
@@ -949,6 +998,16 @@ mod tests {
         let f = file("[detect.divergence]\nmemory = \"6h\"\n");
         let c = Config::load(Some(f.path()), []).unwrap();
         assert_eq!(c.detect.divergence.map(|d| d.steps), Some(12));
+        let f = file("[detect.changelog]\ntopic = \"anomalies\"\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("a topic of its own"), "{message}");
+        let f = file("[detect.changelog]\ntopic = \"judge\"\ninterval = \"100ms\"\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("at least 1s"), "{message}");
+        let f = file("[detect.changelog]\ntopic = \"judge\"\n");
+        let c = Config::load(Some(f.path()), []).unwrap();
+        let changelog = c.detect.changelog.unwrap();
+        assert_eq!(changelog.interval, Duration::from_secs(60));
         let f = file("[detect]\nstate_file = \"/no/such/dir/judge.json\"\n");
         let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
         assert!(message.contains("state_file"), "{message}");

@@ -11,6 +11,8 @@
 //! - [`detect`]: scores, thresholds (static or per-cell SPOT), severity, contributors,
 //!   incidents, deterministic event ids.
 //! - [`sink`]: anomaly events and dead letters → Kafka, acknowledged.
+//! - [`changelog`]: the judge's per-cell state in a compacted topic, taken over by a cell's
+//!   next owner after a rebalance ([`table`]: a compacted topic read whole, as the registry is).
 //! - [`pipeline`]: wires the stages with bounded channels; drains and commits on shutdown.
 //! - [`route`]: a stage of its own, before all of these, that republishes node-keyed readings
 //!   keyed by cell (scale-out needs every reading of a cell in one partition).
@@ -32,6 +34,7 @@ pub type FastHash = foldhash::fast::RandomState;
 pub mod admin;
 pub mod assemble;
 pub mod bench;
+pub mod changelog;
 pub mod cli;
 pub mod config;
 pub mod decode;

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
+use crate::changelog::{Changelog, JudgeStore};
 use crate::config::{BadInputPolicy, ClientRole, Config, TopicConfig};
 use crate::decode::{self, Decoder, PayloadKind};
 use crate::detect::{Detector, Judge, JudgeState, Judgement};
@@ -271,6 +272,29 @@ pub async fn run_with(
         &loaded.model.contract.version,
         loaded.model.provider,
     );
+    // The judge-state changelog is read before the group is joined: a cell's first window
+    // must find its saved state there.
+    let (judge_store, judge_store_task) = match &config.detect.changelog {
+        None => (None, None),
+        Some(changelog) => {
+            let store = Arc::new(JudgeStore::default());
+            let Some(task) = table::load(
+                &store,
+                &client_config(config, ClientRole::Consumer),
+                &changelog.topic,
+                "gridwatch-judge-state",
+                (changelog.load_timeout, "[detect.changelog] load_timeout"),
+                &cancel,
+                "judge-state",
+            )
+            .await?
+            else {
+                return Ok(RunReport::default());
+            };
+            tracing::info!(topic = %changelog.topic, cells = store.len(), "Judge-state changelog read.");
+            (Some(store), Some(task))
+        }
+    };
     let Some(Inputs {
         registry,
         registry_task,
@@ -343,10 +367,21 @@ pub async fn run_with(
     if let Some(path) = config.detect.state_file.as_deref() {
         restore_judge_state(&mut judge, path);
     }
+    let changelog = match (&config.detect.changelog, judge_store) {
+        (Some(c), Some(store)) => Some((
+            Changelog::new(store, c.topic.clone(), Arc::clone(&sink)),
+            c.interval,
+        )),
+        _ => None,
+    };
+    let judging = Judging {
+        judge,
+        endings: Endings::new(ended_rx),
+        changelog,
+    };
     let publish_task = tokio::spawn(publish_events(
         inferred_rx,
-        Endings::new(ended_rx),
-        judge,
+        judging,
         Arc::clone(&sink),
         Arc::clone(&ledger),
         Arc::clone(&stats),
@@ -411,6 +446,9 @@ pub async fn run_with(
     // Whatever happened, the ledger only allows offsets whose effects are durable.
     let report = commit(&consumer, &ledger, &assembler, &partitions, &stats, true);
     registry_task.abort();
+    if let Some(task) = judge_store_task {
+        task.abort();
+    }
     if let Some(watcher) = watcher {
         watcher.abort();
     }
@@ -871,18 +909,38 @@ async fn publish(
     (holds, event.severity, latency, result)
 }
 
+/// What the judging task judges with: the judge, the cells that ended, and the state changelog.
+struct Judging {
+    judge: Judge,
+    endings: Endings,
+    /// With `[detect.changelog]`, and how often it writes.
+    changelog: Option<(Changelog, Duration)>,
+}
+
 /// Scores inferred windows, publishes events, and releases each window's holds once its event
 /// is acknowledged (or at once when it has none). Cells ingest stopped holding lose their
-/// judge state when revoked; when silent, an open incident of theirs is closed.
+/// judge state when revoked (written to the changelog first, if there is one); when silent, an
+/// open incident of theirs is closed.
 async fn publish_events(
     mut input: mpsc::Receiver<Vec<Inferred>>,
-    mut endings: Endings,
-    mut judge: Judge,
+    judging: Judging,
     sink: Arc<Sink>,
     ledger: Arc<Mutex<OffsetLedger>>,
     stats: Arc<Stats>,
     failed: CancellationToken,
 ) -> anyhow::Result<Judge> {
+    let Judging {
+        mut judge,
+        mut endings,
+        changelog,
+    } = judging;
+    let (mut changelog, write_every) = match changelog {
+        Some((changelog, every)) => (Some(changelog), every),
+        None => (None, Duration::from_secs(3600)),
+    };
+    let start = tokio::time::Instant::now() + write_every;
+    let mut write_ticker = tokio::time::interval_at(start, write_every);
+    write_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut in_flight = FuturesUnordered::new();
     let release = |holds: &[(i32, i64)]| {
         let mut ledger = ledger.lock().expect("ledger lock");
@@ -890,11 +948,18 @@ async fn publish_events(
             ledger.release(p, o);
         }
     };
-    let end = |judge: &mut Judge, cells: Vec<(Arc<str>, Ending)>| -> Vec<AnomalyEvent> {
+    let end = |judge: &mut Judge,
+               changelog: Option<&mut Changelog>,
+               cells: Vec<(Arc<str>, Ending)>|
+     -> Vec<AnomalyEvent> {
         let mut closes = Vec::new();
+        let mut changelog = changelog;
         for (cell, ending) in cells {
             match ending {
                 Ending::Revoked => {
+                    if let Some(changelog) = changelog.as_deref_mut() {
+                        changelog.write_cell(judge, &cell);
+                    }
                     judge.forget(&cell);
                     tracing::debug!(cell = %cell, "Forgot a revoked cell's thresholds, baselines and incident.");
                 }
@@ -914,11 +979,14 @@ async fn publish_events(
                 let Some(batch) = batch else { break };
                 endings.receive();
                 for Inferred { window, reconstruction, model } in batch {
-                    for close in end(&mut judge, endings.before_window()) {
+                    for close in end(&mut judge, changelog.as_mut(), endings.before_window()) {
                         in_flight.push(publish(Arc::clone(&sink), close, Vec::new(), None));
                     }
                     // Each window is judged by the model that scored it.
                     judge = judge.for_contract(&model);
+                    if let Some(changelog) = changelog.as_mut() {
+                        changelog.before_window(&mut judge, &window.cell);
+                    }
                     let Judgement { score, event, .. } = judge.judge(&window, &reconstruction);
                     telemetry::window_scored(&stats, score.score, window.closed_at.elapsed().as_secs_f64());
                     match event {
@@ -936,10 +1004,15 @@ async fn publish_events(
             // Cells that ended after the last window sent: nothing is left to judge before them.
             Some(ended) = endings.input.recv() => {
                 endings.pending.push_back(ended);
-                for close in end(&mut judge, endings.due()) {
+                for close in end(&mut judge, changelog.as_mut(), endings.due()) {
                     in_flight.push(publish(Arc::clone(&sink), close, Vec::new(), None));
                 }
                 telemetry::cells_judged(judge.cell_count());
+            }
+            _ = write_ticker.tick(), if changelog.is_some() => {
+                if let Some(changelog) = changelog.as_mut() {
+                    changelog.write_judged(&judge);
+                }
             }
             Some((holds, severity, latency, result)) = in_flight.next() => {
                 if let Err(error) = result {
@@ -958,6 +1031,9 @@ async fn publish_events(
         }
         telemetry::event_published(&stats, severity, latency);
         release(&holds);
+    }
+    if let Some(mut changelog) = changelog {
+        changelog.write_judged(&judge).await?;
     }
     Ok(judge)
 }

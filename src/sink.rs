@@ -151,6 +151,24 @@ impl Sink {
         .map(|_| ())
     }
 
+    /// Publishes one record of the judge-state changelog `topic`, keyed by its cell, and waits
+    /// for the acknowledgement.
+    pub async fn publish_state(
+        &self,
+        topic: &str,
+        cell: &str,
+        state: &[u8],
+    ) -> Result<(), SinkError> {
+        self.send(
+            topic,
+            Some(cell.as_bytes()),
+            Some(state),
+            OwnedHeaders::new(),
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn send(
         &self,
         topic: &str,

@@ -329,6 +329,37 @@ pub fn cells_judged(cells: usize) {
     metrics::gauge!("gridwatch_judged_cells").set(cells as f64);
 }
 
+/// One cell's judge state reached the changelog topic (or did not).
+pub fn judge_state_written(cell: &str, error: Option<&dyn std::fmt::Display>) {
+    match error {
+        None => {
+            metrics::counter!("gridwatch_judge_state_writes_total", "result" => "ok").increment(1)
+        }
+        Some(error) => {
+            metrics::counter!("gridwatch_judge_state_writes_total", "result" => "failed")
+                .increment(1);
+            tracing::warn!(cell, error = %error, "Could not write the cell's judge state; after its next move it learns from nothing.");
+        }
+    }
+}
+
+/// A part of a cell's judge state was taken over from the changelog, or refused and why.
+pub fn judge_state_restored(cell: &str, part: &str, result: &Result<usize, String>) {
+    match result {
+        Ok(0) => {}
+        Ok(_) => {
+            metrics::counter!("gridwatch_judge_state_restored_total", "part" => part.to_owned())
+                .increment(1);
+            tracing::debug!(cell, "Restored the cell's {part} from the changelog.");
+        }
+        Err(why) => {
+            metrics::counter!("gridwatch_judge_state_refused_total", "part" => part.to_owned())
+                .increment(1);
+            tracing::warn!(cell, "The cell's saved {part} were not used: {why}.");
+        }
+    }
+}
+
 /// What readiness depends on, updated by the pipeline and read by the admin endpoints.
 #[derive(Debug, Default)]
 pub struct Health {

@@ -983,3 +983,152 @@ async fn the_divergence_baselines_survive_a_graceful_restart() {
     }
     fixture.close();
 }
+
+/// With `[detect.changelog]`, a cell's judge state moves with the cell: a second instance joins
+/// the group, takes over one of the two cells' partitions in the rebalance, and goes on with the
+/// divergence baselines the first instance learnt, read from the changelog topic, instead of
+/// starting them again. No state file is involved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_divergence_baselines_move_with_a_cell_to_its_new_owner() {
+    use gridwatch::detect::JudgeState;
+    const CHANGELOG: &str = "gridwatch-judge-state";
+    let fixture = Fixture::new().await;
+    fixture.cluster.create_topic(CHANGELOG, 1, 1).unwrap();
+    let mut config = config(&fixture.bootstrap);
+    config.detect.divergence = Some(gridwatch::detect::divergence::DivergenceConfig {
+        steps: 4,
+        warmup: Duration::from_secs(30),
+        ..Default::default()
+    });
+    config.detect.changelog = Some(gridwatch::config::ChangelogConfig {
+        topic: CHANGELOG.into(),
+        interval: Duration::from_secs(1),
+        load_timeout: Duration::from_secs(30),
+    });
+    config.validate().unwrap();
+    // The latest record of each cell.
+    let saved = |bootstrap: &str| -> std::collections::BTreeMap<String, JudgeState> {
+        common::read_all(bootstrap, CHANGELOG)
+            .iter()
+            .map(|m| {
+                let cell = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
+                (cell, serde_json::from_slice(m.payload().unwrap()).unwrap())
+            })
+            .collect()
+    };
+
+    let batches = Codec::new(RecordKind::ReadingBatch, WireFormat::Plain);
+    let steps = steps();
+    // Produces the steps of `range`, each cell to a partition of its own (both cells' keys
+    // hash to one of the two); returns the partitions they went to.
+    let produce = async |range: std::ops::Range<usize>| {
+        use rdkafka::producer::FutureRecord;
+        let mut partitions = Vec::new();
+        for cells in &steps[range] {
+            for (partition, (cell, readings)) in cells.iter().enumerate() {
+                let payload = batches.encode(&records::batch_to_value(readings)).unwrap();
+                let record = FutureRecord::to(READINGS)
+                    .key(cell)
+                    .payload(&payload)
+                    .partition(partition as i32);
+                let timeout = rdkafka::util::Timeout::After(Duration::from_secs(10));
+                let delivery = fixture.producer.send(record, timeout).await.unwrap();
+                partitions.push(delivery.partition);
+            }
+        }
+        partitions
+    };
+    let settled = async |instances: &[&Arc<Stats>], produced: u64| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut last = (0, tokio::time::Instant::now());
+        loop {
+            let snapshots: Vec<_> = instances.iter().map(|s| s.snapshot()).collect();
+            let consumed: u64 = snapshots.iter().map(|s| s.messages_consumed).sum();
+            let idle = snapshots
+                .iter()
+                .all(|s| s.windows_scored == s.windows_emitted);
+            if consumed != last.0 {
+                last = (consumed, tokio::time::Instant::now());
+            }
+            if consumed >= produced && idle && last.1.elapsed() > Duration::from_secs(1) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stalled: {snapshots:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    // The first instance alone judges both cells until it has written their state.
+    let mut partitions = produce(0..60).await;
+    let (first, first_cancel, first_run) = start(&config);
+    settled(&[&first], partitions.len() as u64).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let before = saved(&fixture.bootstrap);
+        if before.len() == 2 {
+            break before;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cells saved: {:?}",
+            before.keys()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let distinct: std::collections::BTreeSet<i32> = partitions.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        2,
+        "the two cells are on different partitions"
+    );
+
+    // A second instance joins while readings go on: each instance gets one partition, so one
+    // cell, from the rebalance on.
+    let (second, second_cancel, second_run) = start(&config);
+    let mut step = 60;
+    while second.snapshot().messages_consumed == 0 {
+        assert!(
+            step < STEPS as usize - 10,
+            "the second instance got no readings"
+        );
+        partitions.extend(produce(step..step + 1).await);
+        step += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    partitions.extend(produce(step..STEPS as usize).await);
+    settled(&[&first, &second], partitions.len() as u64).await;
+    assert!(
+        second.snapshot().windows_scored > 0,
+        "the second instance judged a cell"
+    );
+    first_cancel.cancel();
+    second_cancel.cancel();
+    first_run.await.unwrap().unwrap();
+    second_run.await.unwrap().unwrap();
+
+    let after = saved(&fixture.bootstrap);
+    let field = |b: &gridwatch::detect::divergence::Baseline, name: &str| {
+        serde_json::to_value(b).unwrap()[name].as_i64().unwrap()
+    };
+    for (cell, state) in &before {
+        for (node, channel, b) in &state.divergence[cell] {
+            let (_, _, a) = after[cell].divergence[cell]
+                .iter()
+                .find(|(n, c, _)| n == node && c == channel)
+                .expect("still there");
+            assert_eq!(
+                field(a, "learning_since_ms"),
+                field(b, "learning_since_ms"),
+                "{cell} {node} {channel}: a new baseline after the rebalance"
+            );
+            assert!(
+                field(a, "windows") > field(b, "windows"),
+                "{cell} {node} {channel}"
+            );
+        }
+    }
+    fixture.close();
+}

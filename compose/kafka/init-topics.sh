@@ -35,8 +35,10 @@ create spatial-nodes 1 --config cleanup.policy=compact
 create anomalies 6
 # Dead letters, with gridwatch.reason and gridwatch.source.* headers.
 create gridwatch-dlq 1
+# The judge's per-cell state keyed by cell ([detect.changelog]); every instance reads all of it.
+create gridwatch-judge-state 1 --config cleanup.policy=compact
 
 # --topic is a regular expression when describing.
 "$topics_sh" --bootstrap-server "$bootstrap" --describe \
-  --topic 'readings|spatial-nodes|anomalies|gridwatch-dlq' | grep -E '^Topic:' || true
+  --topic 'readings|spatial-nodes|anomalies|gridwatch-dlq|gridwatch-judge-state' | grep -E '^Topic:' || true
 echo "init-topics: done"

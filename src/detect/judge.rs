@@ -245,15 +245,23 @@ impl Judge {
 
     /// What this judge has learnt that is worth keeping across a restart.
     pub fn state(&self, saved_at_ms: i64) -> JudgeState {
-        let divergence = self
-            .cells
-            .iter()
+        self.state_where(saved_at_ms, |_| true)
+    }
+
+    /// What this judge has learnt of `cell` alone (its record in the state changelog), or
+    /// `None` when it has learnt nothing of it yet.
+    pub fn cell_state(&self, cell: &str, saved_at_ms: i64) -> Option<JudgeState> {
+        let state = self.state_where(saved_at_ms, |c| c == cell);
+        (!state.divergence.is_empty() || !state.spot.is_empty()).then_some(state)
+    }
+
+    fn state_where(&self, saved_at_ms: i64, keep: impl Fn(&str) -> bool) -> JudgeState {
+        let cells = || self.cells.iter().filter(|(cell, _)| keep(cell));
+        let divergence = cells()
             .filter_map(|(cell, state)| Some((cell.to_string(), state.divergence.as_ref()?)))
             .map(|(cell, d)| (cell, d.baselines()))
             .collect();
-        let spot = self
-            .cells
-            .iter()
+        let spot = cells()
             .filter(|(_, s)| s.spot.is_some() || !s.warmup.is_empty() || s.failed)
             .map(|(cell, s)| {
                 let state = SpotState {
@@ -351,6 +359,12 @@ impl Judge {
             self.adopt_divergence(&Arc::from(cell), divergence);
         }
         Ok(restored)
+    }
+
+    /// Whether this judge holds a threshold or baselines of `cell` (what [`Judge::cell_state`]
+    /// would save).
+    pub fn has_state(&self, cell: &str) -> bool {
+        self.cells.contains_key(cell)
     }
 
     /// Cells with judge state: a threshold, divergence baselines or an incident.
@@ -502,6 +516,42 @@ mod tests {
         let event = j.event.expect("an anomalous window is published");
         assert_eq!(event.diverged.len(), 1, "{:?}", event.diverged);
         assert_eq!(event.diverged[0].node_id, "z");
+    }
+
+    #[test]
+    fn a_cell_state_holds_that_cell_alone_and_restores_it() {
+        let config = divergence_config();
+        let mut judge = Judge::new(three_node_detector("1", &config), &config);
+        let other = |end_s| Window {
+            cell: Arc::from("d"),
+            ..three_nodes(end_s, usual_z(end_s))
+        };
+        for end_s in 2..200 {
+            judge.judge(&three_nodes(end_s, usual_z(end_s)), &[0.0; 6]);
+            judge.judge(&other(end_s), &[0.0; 6]);
+        }
+        assert!(judge.has_state("c") && judge.has_state("d"));
+        assert!(
+            judge.cell_state("e", 1_000_000).is_none(),
+            "nothing learnt of e"
+        );
+        let state = judge.cell_state("c", 1_000_000).unwrap();
+        assert_eq!(state.divergence.keys().collect::<Vec<_>>(), ["c"]);
+
+        // The cell's next owner: z's usual place is known at once, d's is not.
+        let mut next = Judge::new(three_node_detector("1", &config), &config);
+        assert!(!next.has_state("c"));
+        assert_eq!(next.restore(state, 1_060_000).divergence, Ok(1));
+        assert!(next.has_state("c") && !next.has_state("d"));
+        assert!(next.judge(&three_nodes(200, 30.0), &[0.0; 6]).anomalous);
+        let far_d = Window {
+            cell: Arc::from("d"),
+            ..three_nodes(200, 30.0)
+        };
+        assert!(
+            !next.judge(&far_d, &[0.0; 6]).anomalous,
+            "d learns from nothing"
+        );
     }
 
     #[test]
