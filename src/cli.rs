@@ -759,8 +759,14 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("[model] contract: {e}"))?;
     pipeline::detector_for(&config, &contract)?;
     pipeline::decoder(&config)?;
+    let changelog = config
+        .detect
+        .changelog
+        .as_ref()
+        .map(|c| format!(", judge state to `{}`", c.topic))
+        .unwrap_or_default();
     println!(
-        "{}: valid; model {} ({}), {} reading topic(s), events to `{}`, dead letters to `{}`",
+        "{}: valid; model {} ({}), {} reading topic(s), events to `{}`, dead letters to `{}`{changelog}",
         file.display(),
         contract.label(),
         onnx.display(),
