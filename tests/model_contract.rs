@@ -259,4 +259,40 @@ fn reconstructions_do_not_depend_on_the_batch() {
             );
         }
     }
+
+    // Cells of different sizes in one batch (a city's cells hold 1 to 10 sensors): each
+    // window comes out as it does alone, whatever the other windows' node counts.
+    let f = model.contract.channels.len();
+    let cut = |w: &Window, keep: usize| -> Window {
+        let n = w.node_count();
+        let rows = |v: &[f32]| -> Vec<f32> {
+            v.chunks(n * f)
+                .flat_map(|row| row[..keep * f].iter().copied())
+                .collect()
+        };
+        Window {
+            nodes: w.nodes[..keep].to_vec(),
+            values: rows(&w.values),
+            mask: rows(&w.mask),
+            ..w.clone()
+        }
+    };
+    let mixed: Vec<Window> = windows[..48]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| cut(w, 1 + i % w.node_count()))
+        .collect();
+    let together = model.run(&mixed).unwrap();
+    for (i, w) in mixed.iter().enumerate() {
+        let alone = model.run(std::slice::from_ref(w)).unwrap();
+        assert_eq!(alone[0].len(), together[i].len());
+        assert!(
+            alone[0]
+                .iter()
+                .zip(&together[i])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "window {i} of {} nodes differs in a batch of cells of 1 to 5 nodes",
+            w.node_count()
+        );
+    }
 }

@@ -3,8 +3,9 @@
 //! Invariants:
 //! - A model is used only after its contract checked out against itself, against the hash of its
 //!   `.onnx` file, and against the input/output names the ONNX Runtime session reports.
-//! - Windows of different node counts share a batch by padding the node axis; padded nodes have
-//!   `node_mask = 0` and zero mask, and their outputs are discarded. Every window that enters
+//! - A batch runs in groups of one node count, one model call each, so no window pays for a
+//!   larger cell's nodes. (A model call pads mixed counts to the largest: padded nodes have
+//!   `node_mask = 0` and zero mask, and their outputs are discarded.) Every window that enters
 //!   [`run_batches`] comes out exactly once, with its reconstruction, in arrival order.
 //! - A batch takes every window already queued, up to `max_batch`, and runs at once; only a
 //!   window that arrives to an idle, empty queue waits up to `max_wait` for others.
@@ -208,9 +209,26 @@ impl Model {
     }
 
     /// Runs one batch: normalises values with the contract's channel statistics (unobserved
-    /// entries stay 0), pads the node axis to the largest window, and returns each window's
-    /// `[T × N × F]` reconstruction in normalised units (padding removed), in input order.
+    /// entries stay 0) and returns each window's `[T × N × F]` reconstruction in normalised
+    /// units, in input order. Windows of one node count run together; different node counts
+    /// run as separate model calls, so that no window pays for nodes padded up to the
+    /// batch's largest (in a city of cells of 1 to 10 sensors, most of the work).
     pub fn run(&mut self, windows: &[Window]) -> Result<Vec<Vec<f32>>, InferError> {
+        let mut order: Vec<usize> = (0..windows.len()).collect();
+        order.sort_by_key(|&i| windows[i].node_count());
+        let mut out = vec![Vec::new(); windows.len()];
+        for group in order.chunk_by(|&a, &b| windows[a].node_count() == windows[b].node_count()) {
+            let batch: Vec<&Window> = group.iter().map(|&i| &windows[i]).collect();
+            for (&i, reconstruction) in group.iter().zip(self.run_padded(&batch)?) {
+                out[i] = reconstruction;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs one model call on `windows`, the node axis padded to the largest of them (padded
+    /// nodes have `node_mask` 0 and their outputs are dropped).
+    fn run_padded(&mut self, windows: &[&Window]) -> Result<Vec<Vec<f32>>, InferError> {
         if windows.is_empty() {
             return Ok(Vec::new());
         }
@@ -219,7 +237,7 @@ impl Model {
         let b = windows.len();
         let n_max = windows
             .iter()
-            .map(Window::node_count)
+            .map(|w| w.node_count())
             .max()
             .unwrap_or(0)
             .max(1);
