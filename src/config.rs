@@ -2,8 +2,8 @@
 //!
 //! Invariant: a [`Config`] that [`Config::load`] returns has passed [`Config::validate`]; every
 //! key it read exists in the tree below (unknown keys are errors naming the key and the file),
-//! and every `GRIDWATCH__SECTION__KEY` environment variable has replaced the value of
-//! `section.key` before validation. librdkafka properties pass through `[kafka]` untouched.
+//! and every `GRIDWATCH__SECTION__KEY` (or `GRIDWATCH__SECTION__TABLE__KEY`) environment
+//! variable has replaced the value of `section.key` (`section.table.key`) before validation. librdkafka properties pass through `[kafka]` untouched.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -877,30 +877,42 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-/// Sets `path` (`SECTION__KEY`, lower-cased; `kafka` keys keep their dots) in `tree`.
+/// Sets `path` (`SECTION__KEY`, or `SECTION__TABLE__KEY` for a table below a section;
+/// lower-cased) in `tree`. `kafka` keys are librdkafka properties: one level, `_` for `.`.
 fn set_path(tree: &mut toml::Table, var: &str, path: &str, value: &str) -> Result<(), ConfigError> {
     let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
     let env_error = |message: String| ConfigError::Env {
         var: var.to_owned(),
         message,
     };
-    let (section, key) = match parts.as_slice() {
-        [section, key] if !section.is_empty() && !key.is_empty() => (section, key),
+    let (key, tables) = match parts.split_last() {
+        Some((key, tables)) if !tables.is_empty() && parts.iter().all(|p| !p.is_empty()) => {
+            (key, tables)
+        }
         _ => return Err(env_error("expected GRIDWATCH__SECTION__KEY".into())),
     };
-    // `[kafka]` keys are librdkafka properties: GRIDWATCH__KAFKA__SASL_PASSWORD -> sasl.password.
-    let key = if section == "kafka" {
+    let kafka = tables[0] == "kafka";
+    if kafka && tables.len() > 1 {
+        return Err(env_error(
+            "librdkafka properties take one level: GRIDWATCH__KAFKA__SASL_PASSWORD".into(),
+        ));
+    }
+    // GRIDWATCH__KAFKA__SASL_PASSWORD -> sasl.password.
+    let key = if kafka {
         key.replace('_', ".")
     } else {
         key.clone()
     };
-    let table = tree
-        .entry(section.clone())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-        .as_table_mut()
-        .ok_or_else(|| env_error(format!("`{section}` is not a table")))?;
+    let mut table = tree;
+    for name in tables {
+        table = table
+            .entry(name.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| env_error(format!("`{name}` is not a table")))?;
+    }
     // Parse as a TOML value when it is one (numbers, booleans, arrays); else take the string.
-    let parsed = if section == "kafka" {
+    let parsed = if kafka {
         toml::Value::String(value.to_owned())
     } else {
         toml::from_str::<toml::Table>(&format!("v = {value}"))
@@ -948,6 +960,44 @@ mod tests {
         assert_eq!(c.assemble.allowed_lateness, Duration::from_secs(5));
         assert_eq!(c.infer.max_batch, 16);
         assert_eq!(c.kafka["sasl.password"], "hunter2");
+    }
+
+    #[test]
+    fn environment_reaches_tables_below_a_section() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let c = Config::load(
+            None,
+            env(&[
+                ("GRIDWATCH__DETECT__SPOT__RISK", "0.001"),
+                ("GRIDWATCH__DETECT__CHANGELOG__TOPIC", "judge-state"),
+                ("GRIDWATCH__DETECT__CHANGELOG__INTERVAL", "30s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.detect.spot.risk, 0.001);
+        let changelog = c.detect.changelog.unwrap();
+        assert_eq!(changelog.topic, "judge-state");
+        assert_eq!(changelog.interval, Duration::from_secs(30));
+        // A table that cannot be made whole from the variables is an error naming the field.
+        let message = Config::load(
+            None,
+            env(&[("GRIDWATCH__DETECT__CHANGELOG__INTERVAL", "30s")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(message.contains("topic"), "{message}");
+        for bad in [
+            "GRIDWATCH__KAFKA__CONSUMER__FETCH_WAIT_MAX_MS",
+            "GRIDWATCH__DETECT__THRESHOLD_POLICY__X",
+            "GRIDWATCH__DETECT",
+        ] {
+            assert!(Config::load(None, env(&[(bad, "1")])).is_err(), "{bad}");
+        }
     }
 
     #[test]
