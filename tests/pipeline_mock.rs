@@ -961,19 +961,30 @@ async fn the_divergence_baselines_survive_a_graceful_restart() {
     let before = pass(0..60).await;
     let after = pass(60..STEPS as usize).await;
     assert_eq!(before.divergence.len(), 2, "both lines");
+    assert_baselines_went_on(&before.divergence, &after.divergence, "the restart");
+    fixture.close();
+}
+
+/// Every baseline of `before` is in `after` still learning since the same moment, with more
+/// windows learnt: it went on across `what`, rather than starting again.
+fn assert_baselines_went_on(
+    before: &std::collections::BTreeMap<String, Vec<gridwatch::detect::divergence::BaselineEntry>>,
+    after: &std::collections::BTreeMap<String, Vec<gridwatch::detect::divergence::BaselineEntry>>,
+    what: &str,
+) {
     let field = |b: &gridwatch::detect::divergence::Baseline, name: &str| {
         serde_json::to_value(b).unwrap()[name].as_i64().unwrap()
     };
-    for (cell, baselines) in &before.divergence {
+    for (cell, baselines) in before {
         for (node, channel, b) in baselines {
-            let (_, _, a) = after.divergence[cell]
+            let (_, _, a) = after[cell]
                 .iter()
                 .find(|(n, c, _)| n == node && c == channel)
                 .expect("still there");
             assert_eq!(
                 field(a, "learning_since_ms"),
                 field(b, "learning_since_ms"),
-                "{cell} {node} {channel}: a new baseline after the restart"
+                "{cell} {node} {channel}: a new baseline after {what}"
             );
             assert!(
                 field(a, "windows") > field(b, "windows"),
@@ -981,7 +992,6 @@ async fn the_divergence_baselines_survive_a_graceful_restart() {
             );
         }
     }
-    fixture.close();
 }
 
 /// With `[detect.changelog]`, a cell's judge state moves with the cell: a second instance joins
@@ -1109,26 +1119,14 @@ async fn the_divergence_baselines_move_with_a_cell_to_its_new_owner() {
     first_run.await.unwrap().unwrap();
     second_run.await.unwrap().unwrap();
 
-    let after = saved(&fixture.bootstrap);
-    let field = |b: &gridwatch::detect::divergence::Baseline, name: &str| {
-        serde_json::to_value(b).unwrap()[name].as_i64().unwrap()
+    // Each cell's record holds that cell alone.
+    let baselines = |saved: &std::collections::BTreeMap<String, JudgeState>| {
+        saved
+            .iter()
+            .map(|(cell, state)| (cell.clone(), state.divergence[cell].clone()))
+            .collect()
     };
-    for (cell, state) in &before {
-        for (node, channel, b) in &state.divergence[cell] {
-            let (_, _, a) = after[cell].divergence[cell]
-                .iter()
-                .find(|(n, c, _)| n == node && c == channel)
-                .expect("still there");
-            assert_eq!(
-                field(a, "learning_since_ms"),
-                field(b, "learning_since_ms"),
-                "{cell} {node} {channel}: a new baseline after the rebalance"
-            );
-            assert!(
-                field(a, "windows") > field(b, "windows"),
-                "{cell} {node} {channel}"
-            );
-        }
-    }
+    let after = saved(&fixture.bootstrap);
+    assert_baselines_went_on(&baselines(&before), &baselines(&after), "the rebalance");
     fixture.close();
 }
