@@ -31,6 +31,7 @@ const READINGS: &str = "readings";
 const NODES: &str = "spatial-nodes";
 const EVENTS: &str = "anomalies";
 const DLQ: &str = "gridwatch-dlq";
+const JUDGE_STATE: &str = "gridwatch-judge-state";
 const PARTITIONS: i32 = 4;
 
 /// One scenario at a time: each runs a broker and several gridwatch processes on 2 cores.
@@ -487,6 +488,14 @@ async fn a_rebalance_storm_loses_nothing() {
     let want = expected(&steps);
     // Several members rejoin at once here: with a 3 s session tansu expels some mid-join.
     let config = config_file(&dir, &bootstrap, "storm", 10000);
+    // The judge's state moves with the cells through a compacted topic. The divergence check
+    // learns for a day before it reports, so the events stay those of the static threshold.
+    tansu.create_topic(JUDGE_STATE, 1, true).await;
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[detect.divergence]\n\n[detect.changelog]\ntopic = \"{JUDGE_STATE}\"\ninterval = \"1s\"\n"
+    ));
+    std::fs::write(&config, text).unwrap();
 
     let mut instances = vec![Gridwatch::start(&config, &dir, "a")];
     let load = tokio::spawn({
@@ -533,6 +542,27 @@ async fn a_rebalance_storm_loses_nothing() {
         a_log.contains("Forgot a revoked cell's thresholds"),
         "a kept the judge state of revoked cells\n{}",
         instances[0].log_tail(30)
+    );
+    // A later instance took over cells the earlier ones had judged, with their baselines.
+    let logs: Vec<String> = instances
+        .iter()
+        .map(|i| std::fs::read_to_string(&i.log).unwrap())
+        .collect();
+    let restored = logs[1..]
+        .iter()
+        .any(|log| log.contains("Restored the cell's divergence baselines from the changelog"));
+    assert!(
+        !logs.iter().any(|log| log.contains("were not used")),
+        "a saved state was refused"
+    );
+    assert!(
+        restored,
+        "no instance restored a cell's baselines\n{}",
+        instances[3].log_tail(30)
+    );
+    assert!(
+        !common::read_all(&bootstrap, JUDGE_STATE).is_empty(),
+        "nothing in the changelog"
     );
     let found = Found::read(&bootstrap);
     check(
