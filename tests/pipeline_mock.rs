@@ -994,6 +994,30 @@ fn assert_baselines_went_on(
     }
 }
 
+/// A changelog topic that does not exist stops the start with an error that names it, before
+/// anything is consumed (like a missing spatial-node topic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_changelog_topic_stops_the_start() {
+    let fixture = Fixture::new().await;
+    let mut config = config(&fixture.bootstrap);
+    config.detect.changelog = Some(gridwatch::config::ChangelogConfig {
+        topic: "no-such-judge-state".into(),
+        interval: Duration::from_secs(1),
+        load_timeout: Duration::from_secs(20),
+    });
+    fixture.produce_steps().await;
+    let (stats, _cancel, task) = start(&config);
+    let error = format!("{:#}", task.await.unwrap().unwrap_err());
+    assert!(
+        error.contains("[detect.changelog] topic `no-such-judge-state`"),
+        "{error}"
+    );
+    assert!(error.contains("cleanup.policy=compact"), "{error}");
+    assert!(error.contains("does not exist"), "{error}");
+    assert_eq!(stats.snapshot().messages_consumed, 0);
+    fixture.close();
+}
+
 /// With `[detect.changelog]`, a cell's judge state moves with the cell: a second instance joins
 /// the group, takes over one of the two cells' partitions in the rebalance, and goes on with the
 /// divergence baselines the first instance learnt, read from the changelog topic, instead of

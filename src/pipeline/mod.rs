@@ -295,7 +295,13 @@ pub async fn run_with(
                 &cancel,
                 "judge-state",
             )
-            .await?
+            .await
+            .map_err(|e| {
+                e.context(format!(
+                    "cannot read [detect.changelog] topic `{}` (create it beforehand, with cleanup.policy=compact)",
+                    changelog.topic
+                ))
+            })?
             else {
                 return Ok(RunReport::default());
             };
