@@ -66,10 +66,11 @@ pub async fn follow<T: Table>(
     let mut remaining = HashMap::new();
     for &partition in &partitions {
         assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
-        let (_, high) = tokio::task::block_in_place(|| {
+        let (low, high) = tokio::task::block_in_place(|| {
             consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))
         })?;
-        if high > 0 {
+        // A partition whose records were all deleted (retention) has nothing to wait for.
+        if high > low {
             remaining.insert(partition, high);
         }
     }
