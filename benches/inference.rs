@@ -1,7 +1,8 @@
 //! Inference throughput of the default model per batch size (1, 8, 64, 256, 1024 windows of 8
 //! nodes), reported as node-windows per second; and of a batch of 64 windows of cells of 1 to 8
-//! nodes (`mixed-node-windows`, counting each window's real nodes), as a city's cells are. `GRIDWATCH_EXECUTION_PROVIDER=cuda` (with the
-//! `cuda` feature) runs it on the GPU; scripts/gpu-bench.sh does that on a GPU machine.
+//! nodes (`mixed-node-windows`, counting each window's real nodes), as a city's cells are.
+//! `GRIDWATCH_EXECUTION_PROVIDER=cuda` (with the `cuda` feature) runs it on the GPU;
+//! scripts/gpu-bench.sh does that on a GPU machine.
 
 use std::hint::black_box;
 use std::sync::Arc;

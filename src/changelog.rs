@@ -24,13 +24,14 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use rdkafka::Message;
 use rdkafka::message::BorrowedMessage;
 
 use crate::FastHash;
+use crate::config::ChangelogConfig;
 use crate::decode::wall_clock_ms;
 use crate::detect::{Judge, JudgeState};
 use crate::sink::Sink;
@@ -41,7 +42,6 @@ use crate::telemetry;
 #[derive(Default)]
 pub struct JudgeStore {
     cells: DashMap<Arc<str>, Arc<[u8]>, FastHash>,
-    loaded: AtomicBool,
 }
 
 impl JudgeStore {
@@ -90,14 +90,6 @@ impl Table for JudgeStore {
             ),
         }
     }
-
-    fn mark_loaded(&self) {
-        self.loaded.store(true, Ordering::Release);
-    }
-
-    fn is_loaded(&self) -> bool {
-        self.loaded.load(Ordering::Acquire)
-    }
 }
 
 /// A cell's record: its state as JSON.
@@ -111,16 +103,19 @@ pub struct Changelog {
     store: Arc<JudgeStore>,
     topic: String,
     sink: Arc<Sink>,
+    /// How often [`Changelog::write_judged`] is due.
+    pub interval: Duration,
     /// Cells judged since their last write.
     judged: HashSet<Arc<str>, FastHash>,
 }
 
 impl Changelog {
-    pub fn new(store: Arc<JudgeStore>, topic: String, sink: Arc<Sink>) -> Self {
+    pub fn new(store: Arc<JudgeStore>, config: &ChangelogConfig, sink: Arc<Sink>) -> Self {
         Self {
             store,
-            topic,
+            topic: config.topic.clone(),
             sink,
+            interval: config.interval,
             judged: HashSet::default(),
         }
     }

@@ -3,7 +3,8 @@
 //! Invariant: a [`Config`] that [`Config::load`] returns has passed [`Config::validate`]; every
 //! key it read exists in the tree below (unknown keys are errors naming the key and the file),
 //! and every `GRIDWATCH__SECTION__KEY` (or `GRIDWATCH__SECTION__TABLE__KEY`) environment
-//! variable has replaced the value of `section.key` (`section.table.key`) before validation. librdkafka properties pass through `[kafka]` untouched.
+//! variable has replaced the value of `section.key` (`section.table.key`) before validation.
+//! librdkafka properties pass through `[kafka]` untouched.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

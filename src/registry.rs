@@ -8,7 +8,6 @@
 //! resolution; a node with neither is refused (logged and counted), never guessed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use dashmap::DashMap;
 use rdkafka::Message;
@@ -65,7 +64,6 @@ pub struct Registry {
     nodes: DashMap<Arc<str>, Arc<NodeInfo>, FastHash>,
     resolution: h3o::Resolution,
     codec: Codec,
-    loaded: AtomicBool,
 }
 
 impl Registry {
@@ -74,7 +72,6 @@ impl Registry {
             nodes: DashMap::with_hasher(FastHash::default()),
             resolution,
             codec: Codec::new(RecordKind::SpatialNode, format),
-            loaded: AtomicBool::new(false),
         }
     }
 
@@ -91,15 +88,6 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
-    }
-
-    /// True once the topic has been read up to the end it had at start-up.
-    pub fn is_loaded(&self) -> bool {
-        self.loaded.load(Ordering::Acquire)
-    }
-
-    pub fn mark_loaded(&self) {
-        self.loaded.store(true, Ordering::Release);
     }
 
     /// Applies one record of the spatial-node topic. A null payload removes the node named by
@@ -142,14 +130,6 @@ impl Table for Registry {
         if let Err(error) = Registry::apply(self, message.key(), message.payload()) {
             telemetry::node_record_rejected(message.partition(), message.offset(), &error);
         }
-    }
-
-    fn mark_loaded(&self) {
-        Registry::mark_loaded(self);
-    }
-
-    fn is_loaded(&self) -> bool {
-        Registry::is_loaded(self)
     }
 }
 

@@ -13,30 +13,27 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-
-use rdkafka::Message;
 
 /// What a compacted topic is folded into.
 pub trait Table: Send + Sync + 'static {
     /// Takes one record (a null payload is a tombstone). A record the table cannot take is
     /// the table's to log and count; the reader goes on.
     fn apply(&self, message: &BorrowedMessage<'_>);
-    /// The topic has been read to the end it had at start-up.
-    fn mark_loaded(&self);
-    fn is_loaded(&self) -> bool;
 }
 
-/// Reads `topic` from the beginning of every partition into `table`, marks it loaded once it
+/// Reads `topic` from the beginning of every partition into `table`, sets `loaded` once it
 /// has caught up with the end offsets seen at start, then follows the topic until `cancel`
 /// fires. `group_id` is only what librdkafka asks for; this consumer never joins or commits.
-pub async fn follow<T: Table>(
+async fn follow<T: Table>(
     table: Arc<T>,
+    loaded: Arc<AtomicBool>,
     mut client: ClientConfig,
     topic: String,
     group_id: &'static str,
@@ -77,7 +74,7 @@ pub async fn follow<T: Table>(
     consumer.assign(&assignment)?;
     tracing::debug!(topic, ?remaining, "Reading the table topic.");
     if remaining.is_empty() {
-        table.mark_loaded();
+        loaded.store(true, Ordering::Release);
     }
     loop {
         let message = tokio::select! {
@@ -98,13 +95,12 @@ pub async fn follow<T: Table>(
             "Table record."
         );
         table.apply(&message);
-        if !table.is_loaded()
-            && let Some(high) = remaining.get(&message.partition()).copied()
+        if let Some(high) = remaining.get(&message.partition()).copied()
             && message.offset() + 1 >= high
         {
             remaining.remove(&message.partition());
             if remaining.is_empty() {
-                table.mark_loaded();
+                loaded.store(true, Ordering::Release);
             }
         }
     }
@@ -122,15 +118,17 @@ pub async fn load<T: Table>(
     cancel: &CancellationToken,
     what: &str,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+    let loaded = Arc::new(AtomicBool::new(false));
     let task = tokio::spawn(follow(
         Arc::clone(table),
+        Arc::clone(&loaded),
         client.clone(),
         topic.to_owned(),
         group_id,
         cancel.child_token(),
     ));
     let deadline = tokio::time::Instant::now() + timeout;
-    while !table.is_loaded() {
+    while !loaded.load(Ordering::Acquire) {
         if task.is_finished() {
             task.await?
                 .map_err(|e| e.context(format!("the {what} reader failed")))?;

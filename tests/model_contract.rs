@@ -3,10 +3,11 @@
 //! The fixtures are written by `scripts/train_model.py`: `NAME.onnx`, its contract `NAME.json`,
 //! and `NAME.golden.json`, a small batch (two windows of up to three nodes, one padded node,
 //! missing entries, one planted anomaly) with ONNX Runtime's output and the scores computed in
-//! Python by the contract's formula. Here the same inputs go through gridwatch's own padding,
-//! session and scoring, which must agree within the file's tolerance. The windows are built from
-//! the golden file's raw (physical) values, as the assembler builds them, so gridwatch's own
-//! normalisation is checked too.
+//! Python by the contract's formula. Here the same inputs go through gridwatch's own batching
+//! (one model call per node count, so without the padded node), session and scoring, which
+//! must agree within the file's tolerance. The windows are built from the golden file's raw
+//! (physical) values, as the assembler builds them, so gridwatch's own normalisation is
+//! checked too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -108,7 +109,7 @@ fn golden_vectors_agree_with_ort_padding_and_scoring() {
         let mask = floats(&golden["inputs"]["mask"]);
         let node_mask = floats(&golden["inputs"]["node_mask"]);
         let expected = floats(&golden["outputs"]["reconstruction"]);
-        // Build each window with only its real nodes: gridwatch pads the batch itself.
+        // Build each window with only its real nodes, as the assembler does.
         let windows: Vec<Window> = (0..b)
             .map(|wi| {
                 let n = (0..n_max)

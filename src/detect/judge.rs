@@ -245,18 +245,21 @@ impl Judge {
 
     /// What this judge has learnt that is worth keeping across a restart.
     pub fn state(&self, saved_at_ms: i64) -> JudgeState {
-        self.state_where(saved_at_ms, |_| true)
+        self.state_of(saved_at_ms, || self.cells.iter())
     }
 
     /// What this judge has learnt of `cell` alone (its record in the state changelog), or
     /// `None` when it has learnt nothing of it yet.
     pub fn cell_state(&self, cell: &str, saved_at_ms: i64) -> Option<JudgeState> {
-        let state = self.state_where(saved_at_ms, |c| c == cell);
+        let state = self.state_of(saved_at_ms, || self.cells.get_key_value(cell).into_iter());
         (!state.divergence.is_empty() || !state.spot.is_empty()).then_some(state)
     }
 
-    fn state_where(&self, saved_at_ms: i64, keep: impl Fn(&str) -> bool) -> JudgeState {
-        let cells = || self.cells.iter().filter(|(cell, _)| keep(cell));
+    /// The state of the cells `cells` yields (called once per part).
+    fn state_of<'a, I>(&'a self, saved_at_ms: i64, cells: impl Fn() -> I) -> JudgeState
+    where
+        I: Iterator<Item = (&'a Arc<str>, &'a CellThreshold)>,
+    {
         let divergence = cells()
             .filter_map(|(cell, state)| Some((cell.to_string(), state.divergence.as_ref()?)))
             .map(|(cell, d)| (cell, d.baselines()))

@@ -3,9 +3,9 @@
 //! Invariants:
 //! - A model is used only after its contract checked out against itself, against the hash of its
 //!   `.onnx` file, and against the input/output names the ONNX Runtime session reports.
-//! - A batch runs in groups of one node count, one model call each, so no window pays for a
-//!   larger cell's nodes. (A model call pads mixed counts to the largest: padded nodes have
-//!   `node_mask = 0` and zero mask, and their outputs are discarded.) Every window that enters
+//! - A batch runs in groups of one node count, one model call each, so no window is padded
+//!   to a larger cell's nodes (`node_mask` is all 1; the model would also take padded nodes
+//!   with `node_mask = 0`, see docs/model.md). Every window that enters
 //!   [`run_batches`] comes out exactly once, with its reconstruction, in arrival order.
 //! - A batch takes every window already queued, up to `max_batch`, and runs at once; only a
 //!   window that arrives to an idle, empty queue waits up to `max_wait` for others.
@@ -219,77 +219,55 @@ impl Model {
         let mut out = vec![Vec::new(); windows.len()];
         for group in order.chunk_by(|&a, &b| windows[a].node_count() == windows[b].node_count()) {
             let batch: Vec<&Window> = group.iter().map(|&i| &windows[i]).collect();
-            for (&i, reconstruction) in group.iter().zip(self.run_padded(&batch)?) {
+            let n = batch[0].node_count();
+            for (&i, reconstruction) in group.iter().zip(self.run_group(&batch, n)?) {
                 out[i] = reconstruction;
             }
         }
         Ok(out)
     }
 
-    /// Runs one model call on `windows`, the node axis padded to the largest of them (padded
-    /// nodes have `node_mask` 0 and their outputs are dropped).
-    fn run_padded(&mut self, windows: &[&Window]) -> Result<Vec<Vec<f32>>, InferError> {
-        if windows.is_empty() {
-            return Ok(Vec::new());
+    /// Runs one model call on `windows`, which all have `n` nodes (`node_mask` all 1).
+    fn run_group(&mut self, windows: &[&Window], n: usize) -> Result<Vec<Vec<f32>>, InferError> {
+        if windows.is_empty() || n == 0 {
+            return Ok(vec![Vec::new(); windows.len()]);
         }
         let t = self.contract.window_steps;
         let f = self.contract.channels.len();
         let b = windows.len();
-        let n_max = windows
-            .iter()
-            .map(|w| w.node_count())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut values = vec![0.0f32; b * t * n_max * f];
-        let mut mask = vec![0.0f32; b * t * n_max * f];
-        let mut node_mask = vec![0.0f32; b * n_max];
+        let size = t * n * f;
+        let mut values = vec![0.0f32; b * size];
+        let mut mask = vec![0.0f32; b * size];
         for (wi, w) in windows.iter().enumerate() {
-            let n = w.node_count();
-            debug_assert_eq!(w.values.len(), t * n * f);
-            for ti in 0..t {
-                let src = ti * n * f;
-                let dst = (wi * t + ti) * n_max * f;
-                for i in 0..n * f {
-                    let observed = w.mask[src + i];
-                    mask[dst + i] = observed;
-                    if observed > 0.0 {
-                        let (mean, std) = self.normalisation[i % f];
-                        values[dst + i] = (w.values[src + i] - mean) / std;
-                    }
+            debug_assert_eq!(w.values.len(), size);
+            let dst = wi * size;
+            for i in 0..size {
+                let observed = w.mask[i];
+                mask[dst + i] = observed;
+                if observed > 0.0 {
+                    let (mean, std) = self.normalisation[i % f];
+                    values[dst + i] = (w.values[i] - mean) / std;
                 }
             }
-            node_mask[wi * n_max..wi * n_max + n].fill(1.0);
         }
-        let shape4 = [b, t, n_max, f];
+        let node_mask = vec![1.0f32; b * n];
+        let shape4 = [b, t, n, f];
         let inputs = ort::inputs![
             "values" => TensorRef::from_array_view((shape4, values.as_slice())).map_err(runtime_error)?,
             "mask" => TensorRef::from_array_view((shape4, mask.as_slice())).map_err(runtime_error)?,
-            "node_mask" => TensorRef::from_array_view(([b, n_max], node_mask.as_slice())).map_err(runtime_error)?,
+            "node_mask" => TensorRef::from_array_view(([b, n], node_mask.as_slice())).map_err(runtime_error)?,
         ];
         let outputs = self.session.run(inputs).map_err(runtime_error)?;
         let (shape, data) = outputs[contract::OUTPUT_NAME]
             .try_extract_tensor::<f32>()
             .map_err(runtime_error)?;
         let dims: Vec<i64> = shape.iter().copied().collect();
-        if dims != [b as i64, t as i64, n_max as i64, f as i64] {
+        if dims != [b as i64, t as i64, n as i64, f as i64] {
             return Err(InferError::Runtime(format!(
-                "output shape {dims:?}, expected [{b}, {t}, {n_max}, {f}]"
+                "output shape {dims:?}, expected [{b}, {t}, {n}, {f}]"
             )));
         }
-        Ok(windows
-            .iter()
-            .enumerate()
-            .map(|(wi, w)| {
-                let n = w.node_count();
-                let mut out = Vec::with_capacity(t * n * f);
-                for ti in 0..t {
-                    let src = (wi * t + ti) * n_max * f;
-                    out.extend_from_slice(&data[src..src + n * f]);
-                }
-                out
-            })
-            .collect())
+        Ok(data.chunks(size).map(<[f32]>::to_vec).collect())
     }
 }
 

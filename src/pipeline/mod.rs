@@ -381,13 +381,12 @@ pub async fn run_with(
     if let Some(path) = config.detect.state_file.as_deref() {
         restore_judge_state(&mut judge, path);
     }
-    let changelog = match (&config.detect.changelog, judge_store) {
-        (Some(c), Some(store)) => Some((
-            Changelog::new(store, c.topic.clone(), Arc::clone(&sink)),
-            c.interval,
-        )),
-        _ => None,
-    };
+    let changelog = config
+        .detect
+        .changelog
+        .as_ref()
+        .zip(judge_store)
+        .map(|(c, store)| Changelog::new(store, c, Arc::clone(&sink)));
     let judging = Judging {
         judge,
         endings: Endings::new(ended_rx),

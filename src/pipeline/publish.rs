@@ -91,8 +91,8 @@ async fn publish(
 pub(super) struct Judging {
     pub(super) judge: Judge,
     pub(super) endings: Endings,
-    /// With `[detect.changelog]`, and how often it writes.
-    pub(super) changelog: Option<(Changelog, Duration)>,
+    /// With `[detect.changelog]`.
+    pub(super) changelog: Option<Changelog>,
 }
 
 /// Scores inferred windows, publishes events, and releases each window's holds once its event
@@ -110,12 +110,12 @@ pub(super) async fn publish_events(
     let Judging {
         mut judge,
         mut endings,
-        changelog,
+        mut changelog,
     } = judging;
-    let (mut changelog, write_every) = match changelog {
-        Some((changelog, every)) => (Some(changelog), every),
-        None => (None, Duration::from_secs(3600)),
-    };
+    // Without a changelog the ticker's branch is disabled; its period does not matter.
+    let write_every = changelog
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |c| c.interval);
     let start = tokio::time::Instant::now() + write_every;
     let mut write_ticker = tokio::time::interval_at(start, write_every);
     write_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -127,11 +127,10 @@ pub(super) async fn publish_events(
         }
     };
     let end = |judge: &mut Judge,
-               changelog: Option<&mut Changelog>,
+               mut changelog: Option<&mut Changelog>,
                cells: Vec<(Arc<str>, Ending)>|
      -> Vec<AnomalyEvent> {
         let mut closes = Vec::new();
-        let mut changelog = changelog;
         for (cell, ending) in cells {
             match ending {
                 Ending::Revoked => {
