@@ -14,7 +14,7 @@ pub struct Reading {
     pub node_id: String,
     /// Milliseconds since the Unix epoch, UTC.
     pub event_time_ms: i64,
-    /// Channel name and value, in the order the payload listed them.
+    /// Channel name and value, sorted by name (an Avro map has no order).
     pub values: Vec<(String, f64)>,
     pub sequence: Option<i64>,
 }
