@@ -2,7 +2,8 @@
 //! apache-avro's generic path), bucketing into the tensor, window extraction, and the
 //! divergence check's per-window work (off by default).
 //!
-//! `cargo bench --bench hot_path`; figures in docs/performance.md.
+//! `cargo bench --bench hot_path`; figures in docs/performance.md. With `--features
+//! bench-serde-avro-fast` the decode group also runs serde_avro_fast on the same datums.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -89,7 +90,112 @@ fn decode(c: &mut Criterion) {
                 .unwrap()
         })
     });
+    #[cfg(feature = "bench-serde-avro-fast")]
+    serde_avro_fast_cases::bench(&mut group, &single, &batch, list.len());
     group.finish();
+}
+
+/// serde_avro_fast on the same datums, into readings that own their strings (what
+/// `single/direct` makes) and into readings that borrow them from the datum (the least work a
+/// decoder can do; `direct-reused` instead overwrites the last message's strings in place).
+#[cfg(feature = "bench-serde-avro-fast")]
+mod serde_avro_fast_cases {
+    use std::fmt;
+    use std::hint::black_box;
+    use std::marker::PhantomData;
+
+    use criterion::measurement::WallTime;
+    use criterion::{BenchmarkGroup, BenchmarkId};
+    use gridwatch::schema::{READING_AVSC, READING_BATCH_AVSC, Reading, fast};
+    use serde::Deserialize;
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    use serde_avro_fast::{Schema, from_datum_slice};
+
+    #[derive(Debug, Deserialize)]
+    #[serde(bound(deserialize = "S: Deserialize<'de> + AsRef<str>"))]
+    struct AvroReading<S> {
+        node_id: S,
+        event_time: i64,
+        values: Channels<S>,
+        sequence: Option<i64>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(bound(deserialize = "S: Deserialize<'de> + AsRef<str>"))]
+    struct AvroBatch<S> {
+        readings: Vec<AvroReading<S>>,
+    }
+
+    /// The `values` map sorted by channel name, as the direct decoder leaves it.
+    #[derive(Debug)]
+    struct Channels<S>(Vec<(S, f64)>);
+
+    impl<'de, S: Deserialize<'de> + AsRef<str>> Deserialize<'de> for Channels<S> {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Pairs<S>(PhantomData<S>);
+            impl<'de, S: Deserialize<'de> + AsRef<str>> Visitor<'de> for Pairs<S> {
+                type Value = Channels<S>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a map of channel values")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                    let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                    while let Some(pair) = map.next_entry()? {
+                        pairs.push(pair);
+                    }
+                    pairs.sort_by(|a: &(S, f64), b| a.0.as_ref().cmp(b.0.as_ref()));
+                    Ok(Channels(pairs))
+                }
+            }
+            deserializer.deserialize_map(Pairs(PhantomData))
+        }
+    }
+
+    impl<S: AsRef<str>> AvroReading<S> {
+        fn same_as(&self, r: &Reading) -> bool {
+            self.node_id.as_ref() == r.node_id
+                && self.event_time == r.event_time_ms
+                && self.sequence == r.sequence
+                && self.values.0.len() == r.values.len()
+                && (self.values.0.iter().zip(&r.values))
+                    .all(|((n, v), (m, w))| n.as_ref() == m && v == w)
+        }
+    }
+
+    pub fn bench(group: &mut BenchmarkGroup<'_, WallTime>, single: &[u8], batch: &[u8], n: usize) {
+        let reading_schema: Schema = READING_AVSC.parse().expect("reading.avsc");
+        let batch_schema: Schema = READING_BATCH_AVSC.parse().expect("reading_batch.avsc");
+        // The same readings the direct decoder makes, in the payload's order, or the
+        // comparison means nothing.
+        let one: AvroReading<&str> = from_datum_slice(single, &reading_schema).unwrap();
+        let direct = fast::read_reading(single).unwrap();
+        assert!(one.same_as(&direct), "{one:?} against {direct:?}");
+        let all: AvroBatch<String> = from_datum_slice(batch, &batch_schema).unwrap();
+        let direct = fast::read_batch(batch).unwrap();
+        assert!(all.readings.len() == direct.len());
+        assert!(all.readings.iter().zip(&direct).all(|(a, r)| a.same_as(r)));
+
+        group.throughput(criterion::Throughput::Elements(1));
+        group.bench_function("single/serde-avro-fast-owned", |b| {
+            b.iter(|| {
+                from_datum_slice::<AvroReading<String>>(black_box(single), &reading_schema).unwrap()
+            })
+        });
+        group.bench_function("single/serde-avro-fast-borrowed", |b| {
+            b.iter(|| {
+                from_datum_slice::<AvroReading<&str>>(black_box(single), &reading_schema).unwrap()
+            })
+        });
+        group.throughput(criterion::Throughput::Elements(n as u64));
+        group.bench_function(BenchmarkId::new("batch/serde-avro-fast-owned", n), |b| {
+            b.iter(|| {
+                from_datum_slice::<AvroBatch<String>>(black_box(batch), &batch_schema).unwrap()
+            })
+        });
+        group.bench_function(BenchmarkId::new("batch/serde-avro-fast-borrowed", n), |b| {
+            b.iter(|| from_datum_slice::<AvroBatch<&str>>(black_box(batch), &batch_schema).unwrap())
+        });
+    }
 }
 
 fn spec() -> AssembleSpec {
