@@ -12,7 +12,8 @@
 //!   what it is restored from, so the topic can be compacted.
 //! - The owner writes a cell's record every `interval` while it judges the cell, when the
 //!   cell's partition is revoked (just before it forgets the cell), and at a graceful stop.
-//!   A crash loses at most the last `interval` of learning.
+//!   A crash loses at most the last `interval` of learning. One periodic write is in flight at
+//!   a time: while it is unacknowledged the next interval's cells wait for it.
 //! - Every instance reads the whole topic ([`crate::table`]) and keeps the latest record of
 //!   every cell; its own writes it keeps at once, so a cell revoked and assigned straight back
 //!   does not wait for its record to come round. A cell is restored from it when a window of the cell reaches a judge that holds
@@ -103,10 +104,12 @@ pub struct Changelog {
     store: Arc<JudgeStore>,
     topic: String,
     sink: Arc<Sink>,
-    /// How often [`Changelog::write_judged`] is due.
+    /// How often [`Changelog::write_due`] is due.
     pub interval: Duration,
     /// Cells judged since their last write.
     judged: HashSet<Arc<str>, FastHash>,
+    /// The last periodic write and its cells, until it is acknowledged.
+    periodic: Option<(tokio::task::JoinHandle<()>, Vec<Arc<str>>)>,
 }
 
 impl Changelog {
@@ -117,6 +120,7 @@ impl Changelog {
             sink,
             interval: config.interval,
             judged: HashSet::default(),
+            periodic: None,
         }
     }
 
@@ -137,11 +141,41 @@ impl Changelog {
         telemetry::judge_state_restored(cell, "SPOT thresholds", &restored.spot);
     }
 
-    /// Writes the state of every cell judged since the last write. The writes are
-    /// acknowledged on a task of their own, which is returned.
-    pub fn write_judged(&mut self, judge: &Judge) -> tokio::task::JoinHandle<()> {
+    /// Writes the state of every cell judged since the last write, acknowledged on a task of
+    /// its own. While the last such write is unacknowledged (the broker is slow or down, and
+    /// the sink retries), the cells wait for the next interval instead: an outage holds one
+    /// write's records, not one per interval.
+    pub fn write_due(&mut self, judge: &Judge) {
+        if let Some((last, _)) = &self.periodic
+            && !last.is_finished()
+        {
+            tracing::debug!(
+                waiting = self.judged.len(),
+                "The last judge-state write is unacknowledged; this interval's waits for it."
+            );
+            return;
+        }
         let cells: Vec<Arc<str>> = self.judged.drain().collect();
+        let task = self.write(judge, cells.clone());
+        self.periodic = Some((task, cells));
+    }
+
+    /// The write at a graceful stop: every cell judged since the last write, and the cells of
+    /// a periodic write still unacknowledged (written again, with what the judge holds now).
+    /// The returned task ends when all are acknowledged.
+    pub fn write_final(&mut self, judge: &Judge) -> tokio::task::JoinHandle<()> {
+        let cells = self.final_cells();
         self.write(judge, cells)
+    }
+
+    fn final_cells(&mut self) -> Vec<Arc<str>> {
+        let mut cells: HashSet<Arc<str>, FastHash> = self.judged.drain().collect();
+        if let Some((last, unacknowledged)) = self.periodic.take()
+            && !last.is_finished()
+        {
+            cells.extend(unacknowledged);
+        }
+        cells.into_iter().collect()
     }
 
     /// Writes `cell`'s state now: its partition was revoked, and the judge is about to forget
@@ -201,6 +235,62 @@ mod tests {
         store.put("c1", None);
         assert!(store.get("c1").is_none());
         assert_eq!(store.get("c2").unwrap().saved_at_ms, 3);
+    }
+
+    /// A changelog whose writes are never acknowledged: its broker does not exist, and the
+    /// sink retries until the test ends.
+    fn unacknowledged_changelog() -> Changelog {
+        let mut client = rdkafka::ClientConfig::new();
+        client.set("bootstrap.servers", "127.0.0.1:9");
+        let sink = Sink::new(client, &crate::config::SinkConfig::default()).unwrap();
+        let config = ChangelogConfig {
+            topic: "judge-state".into(),
+            interval: Duration::from_secs(60),
+            load_timeout: Duration::from_secs(60),
+        };
+        Changelog::new(Arc::default(), &config, Arc::new(sink))
+    }
+
+    /// A judge holding a fitted SPOT threshold of `cell`: a record to write.
+    fn learn(judge: &mut Judge, changelog: &mut Changelog, cell: &Arc<str>) {
+        let scores: Vec<f64> = (0..1000)
+            .map(|i| f64::from(i * 37 % 1000) / 500.0)
+            .collect();
+        judge.calibrate(cell, &scores).unwrap();
+        changelog.before_window(judge, cell);
+    }
+
+    fn sorted(mut cells: Vec<Arc<str>>) -> Vec<Arc<str>> {
+        cells.sort();
+        cells
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_write_holds_back_the_next_and_is_repeated_at_the_stop() {
+        use crate::config::{DetectConfig, ThresholdPolicy};
+        let contract =
+            crate::detect::test_support::contract("1", (2, 1, 1), &["a"], vec![1.0], 2.0);
+        let config = DetectConfig {
+            threshold_policy: ThresholdPolicy::Spot,
+            ..DetectConfig::default()
+        };
+        let mut judge = Judge::new(crate::detect::Detector::new(&contract, &config), &config);
+        let mut changelog = unacknowledged_changelog();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+
+        learn(&mut judge, &mut changelog, &a);
+        changelog.write_due(&judge);
+        assert!(changelog.judged.is_empty(), "a's record is on its way");
+        learn(&mut judge, &mut changelog, &b);
+        changelog.write_due(&judge);
+        assert_eq!(
+            sorted(changelog.judged.iter().cloned().collect()),
+            vec![Arc::clone(&b)],
+            "b waits while a's write is unacknowledged"
+        );
+        let (_, cells) = changelog.periodic.as_ref().unwrap();
+        assert_eq!(cells, &vec![Arc::clone(&a)], "no second write was started");
+        assert_eq!(sorted(changelog.final_cells()), vec![a, b]);
     }
 
     #[test]

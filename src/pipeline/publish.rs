@@ -188,7 +188,7 @@ pub(super) async fn publish_events(
             }
             _ = write_ticker.tick(), if changelog.is_some() => {
                 if let Some(changelog) = changelog.as_mut() {
-                    changelog.write_judged(&judge);
+                    changelog.write_due(&judge);
                 }
             }
             Some((holds, severity, latency, result)) = in_flight.next() => {
@@ -210,7 +210,7 @@ pub(super) async fn publish_events(
         release(&holds);
     }
     if let Some(mut changelog) = changelog {
-        changelog.write_judged(&judge).await?;
+        changelog.write_final(&judge).await?;
     }
     Ok(judge)
 }
