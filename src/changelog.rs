@@ -32,9 +32,11 @@ use rdkafka::Message;
 use rdkafka::message::BorrowedMessage;
 
 use crate::FastHash;
+use crate::assemble::Window;
 use crate::config::ChangelogConfig;
 use crate::decode::wall_clock_ms;
 use crate::detect::{Judge, JudgeState};
+use crate::schema::AnomalyEvent;
 use crate::sink::Sink;
 use crate::table::Table;
 use crate::telemetry;
@@ -56,6 +58,11 @@ impl JudgeStore {
                 None
             }
         }
+    }
+
+    /// Whether `cell` has a record.
+    pub fn holds(&self, cell: &str) -> bool {
+        self.cells.contains_key(cell)
     }
 
     /// Cells with a record.
@@ -108,6 +115,11 @@ pub struct Changelog {
     pub interval: Duration,
     /// Cells judged since their last write.
     judged: HashSet<Arc<str>, FastHash>,
+    /// Cells judged here since they came to this instance: restored once, at their first window.
+    known: HashSet<Arc<str>, FastHash>,
+    /// Per cell, its incident transitions (events) not yet acknowledged: while there are any,
+    /// its record leaves the incident out.
+    unacknowledged: std::collections::HashMap<Arc<str>, u32, FastHash>,
     /// The last periodic write and its cells, until it is acknowledged.
     periodic: Option<(tokio::task::JoinHandle<()>, Vec<Arc<str>>)>,
 }
@@ -120,25 +132,64 @@ impl Changelog {
             sink,
             interval: config.interval,
             judged: HashSet::default(),
+            known: HashSet::default(),
+            unacknowledged: Default::default(),
             periodic: None,
         }
     }
 
-    /// Before a window of `cell` is judged: when the judge holds nothing of the cell (new to
-    /// this instance, or forgotten at a revocation), it takes over the cell's saved state.
-    pub fn before_window(&mut self, judge: &mut Judge, cell: &Arc<str>) {
-        if !self.judged.contains(cell) {
-            self.judged.insert(Arc::clone(cell));
+    /// Before `window` is judged: at its cell's first window on this instance (new to it, or
+    /// back after a revocation), a judge that holds nothing of the cell takes over its saved
+    /// state. Returns the CLOSE of a taken-over incident that `window` does not go on with
+    /// ([`Judge::close_if_apart`]), to publish before the window's own event.
+    pub fn before_window(&mut self, judge: &mut Judge, window: &Window) -> Option<AnomalyEvent> {
+        let cell = &window.cell;
+        self.changed(cell);
+        if self.known.contains(cell) {
+            return None;
         }
+        self.known.insert(Arc::clone(cell));
         if judge.has_state(cell) {
-            return;
+            return None;
         }
-        let Some(state) = self.store.get(cell) else {
-            return;
-        };
+        let state = self.store.get(cell)?;
         let restored = judge.restore(state, wall_clock_ms());
         telemetry::judge_state_restored(cell, "divergence baselines", &restored.divergence);
         telemetry::judge_state_restored(cell, "SPOT thresholds", &restored.spot);
+        telemetry::judge_state_restored(cell, "incidents", &restored.incidents);
+        let close = judge.close_if_apart(cell, window.start_ms);
+        if close.is_some() {
+            tracing::debug!(cell = %cell, "Closed the incident taken over: its next window was not judged here.");
+        }
+        close
+    }
+
+    /// `cell`'s state changed other than by a window (its incident was closed for silence):
+    /// its record is due at the next write.
+    pub fn changed(&mut self, cell: &Arc<str>) {
+        if !self.judged.contains(cell) {
+            self.judged.insert(Arc::clone(cell));
+        }
+    }
+
+    /// An event of `cell`'s incident was handed to the sink.
+    pub fn transition_sent(&mut self, cell: &Arc<str>) {
+        *self.unacknowledged.entry(Arc::clone(cell)).or_default() += 1;
+    }
+
+    /// An event of `cell`'s incident was acknowledged: once none is left, the cell's next
+    /// record carries its incident again. (Not for a cell revoked meanwhile: its record is the
+    /// one written at the revocation, which its next owner reads.)
+    pub fn transition_acknowledged(&mut self, cell: &Arc<str>) {
+        if let Some(n) = self.unacknowledged.get_mut(cell) {
+            *n -= 1;
+            if *n == 0 {
+                self.unacknowledged.remove(cell);
+                if self.known.contains(cell) {
+                    self.changed(cell);
+                }
+            }
+        }
     }
 
     /// Writes the state of every cell judged since the last write, acknowledged on a task of
@@ -182,16 +233,24 @@ impl Changelog {
     /// it.
     pub fn write_cell(&mut self, judge: &Judge, cell: &Arc<str>) -> tokio::task::JoinHandle<()> {
         self.judged.remove(cell);
+        self.known.remove(cell);
         self.write(judge, vec![Arc::clone(cell)])
     }
 
+    /// Writes the records of `cells`: each cell's state, or a tombstone where the judge holds
+    /// nothing of a cell the topic has a record of (an incident closed since, say), so that
+    /// no later owner takes over what is over.
     fn write(&self, judge: &Judge, cells: Vec<Arc<str>>) -> tokio::task::JoinHandle<()> {
         let now = wall_clock_ms();
-        let records: Vec<(Arc<str>, Vec<u8>)> = cells
+        let records: Vec<(Arc<str>, Option<Vec<u8>>)> = cells
             .into_iter()
             .filter_map(|cell| {
-                let state = encode(&judge.cell_state(&cell, now)?);
-                self.store.put(&cell, Some(&state));
+                let settled = !self.unacknowledged.contains_key(&cell);
+                let state = judge.cell_state(&cell, now, settled).map(|s| encode(&s));
+                if state.is_none() && !self.store.holds(&cell) {
+                    return None;
+                }
+                self.store.put(&cell, state.as_deref());
                 Some((cell, state))
             })
             .collect();
@@ -199,7 +258,12 @@ impl Changelog {
         tokio::spawn(async move {
             let writes = records.iter().map(|(cell, state)| {
                 let (sink, topic) = (&sink, &topic);
-                async move { (cell, sink.publish_state(topic, cell, state).await) }
+                async move {
+                    (
+                        cell,
+                        sink.publish_state(topic, cell, state.as_deref()).await,
+                    )
+                }
             });
             for (cell, result) in futures::future::join_all(writes).await {
                 let error = result.as_ref().err().map(|e| e as &dyn std::fmt::Display);
@@ -212,6 +276,7 @@ impl Changelog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schema::IncidentStatus;
 
     fn state(saved_at_ms: i64) -> JudgeState {
         JudgeState {
@@ -220,6 +285,7 @@ mod tests {
             divergence: Default::default(),
             model_hash: "abc".into(),
             spot: Default::default(),
+            incidents: Default::default(),
         }
     }
 
@@ -257,7 +323,7 @@ mod tests {
             .map(|i| f64::from(i * 37 % 1000) / 500.0)
             .collect();
         judge.calibrate(cell, &scores).unwrap();
-        changelog.before_window(judge, cell);
+        changelog.before_window(judge, &window(cell, 2));
     }
 
     fn sorted(mut cells: Vec<Arc<str>>) -> Vec<Arc<str>> {
@@ -291,6 +357,99 @@ mod tests {
         let (_, cells) = changelog.periodic.as_ref().unwrap();
         assert_eq!(cells, &vec![Arc::clone(&a)], "no second write was started");
         assert_eq!(sorted(changelog.final_cells()), vec![a, b]);
+    }
+
+    /// The window of `cell` ending at `end_s`: one node, one channel, the last of two steps
+    /// scored.
+    fn window(cell: &Arc<str>, end_s: i64) -> Window {
+        Window {
+            cell: Arc::clone(cell),
+            start_ms: (end_s - 2) * 1_000,
+            end_ms: end_s * 1_000,
+            nodes: vec![Arc::from("n")],
+            values: vec![0.0, 0.0],
+            mask: vec![1.0, 1.0],
+            missing_fraction: 0.0,
+            holds: vec![],
+            closed_at: std::time::Instant::now(),
+        }
+    }
+
+    /// Judges [`window`] with the last step reconstructed as `r` (scored r²) and returns its
+    /// incident's transition.
+    fn judge_window(
+        judge: &mut Judge,
+        changelog: &mut Changelog,
+        cell: &Arc<str>,
+        end_s: i64,
+        r: f32,
+    ) -> IncidentStatus {
+        let window = window(cell, end_s);
+        assert!(changelog.before_window(judge, &window).is_none());
+        let event = judge.judge(&window, &[0.0, r]).event.unwrap();
+        event.incident.unwrap().status
+    }
+
+    /// (Its writes never complete, but each is in the local store at once, which is what the
+    /// assertions read.)
+    #[tokio::test]
+    async fn an_incident_is_saved_once_its_events_are_out_and_deleted_once_over() {
+        use crate::config::DetectConfig;
+        use crate::detect::incident::IncidentConfig;
+        use crate::schema::IncidentStatus;
+        let contract =
+            crate::detect::test_support::contract("1", (2, 1, 1), &["a"], vec![1.0], 2.0);
+        let config = DetectConfig {
+            incidents: Some(IncidentConfig {
+                open_after: 1,
+                close_after: 1,
+                update_every: 0,
+            }),
+            ..DetectConfig::default()
+        };
+        let mut judge = Judge::new(crate::detect::Detector::new(&contract, &config), &config);
+        let mut changelog = unacknowledged_changelog();
+        let cell: Arc<str> = Arc::from("c");
+        let status = judge_window(&mut judge, &mut changelog, &cell, 2, 2.0);
+        assert_eq!(status, IncidentStatus::Open);
+        changelog.transition_sent(&cell);
+        drop(changelog.write(&judge, vec![Arc::clone(&cell)]));
+        assert!(
+            !changelog.store.holds("c"),
+            "not while the OPEN is unacknowledged"
+        );
+        changelog.transition_acknowledged(&cell);
+        assert!(
+            changelog.judged.contains(&cell),
+            "due again once acknowledged"
+        );
+        drop(changelog.write(&judge, vec![Arc::clone(&cell)]));
+        let saved = changelog.store.get("c").unwrap();
+        assert_eq!(saved.incidents.keys().collect::<Vec<_>>(), ["c"]);
+
+        let status = judge_window(&mut judge, &mut changelog, &cell, 3, 0.0);
+        assert_eq!(status, IncidentStatus::Close);
+        changelog.before_window(&mut judge, &window(&cell, 4));
+        assert!(
+            !judge.has_state("c"),
+            "a cell judged here is not restored again: its record is behind"
+        );
+        drop(changelog.write(&judge, vec![Arc::clone(&cell)]));
+        assert!(
+            !changelog.store.holds("c"),
+            "a tombstone: the incident is over"
+        );
+
+        // A revoked cell's record is the one written at its revocation: an acknowledgement
+        // that arrives after it does not make the cell due again (the judge has forgotten it,
+        // so the write would delete the record its next owner reads).
+        let status = judge_window(&mut judge, &mut changelog, &cell, 4, 2.0);
+        assert_eq!(status, IncidentStatus::Open);
+        changelog.transition_sent(&cell);
+        drop(changelog.write_cell(&judge, &cell));
+        judge.forget(&cell);
+        changelog.transition_acknowledged(&cell);
+        assert!(changelog.judged.is_empty());
     }
 
     #[test]

@@ -453,10 +453,10 @@ pub struct DetectConfig {
     /// read at start. The divergence baselines and the SPOT thresholds, so that a restart does
     /// not cost their warm-up. Absent (default): nothing is kept.
     pub state_file: Option<PathBuf>,
-    /// Present: the judge's per-cell state (divergence baselines, SPOT thresholds) is also
-    /// written to a compacted topic, so a cell's new owner after a rebalance takes over what
-    /// the last owner learnt instead of learning from nothing (`src/changelog.rs`). Absent
-    /// (default): each instance's state is its own.
+    /// Present: the judge's per-cell state (divergence baselines, SPOT thresholds, incidents)
+    /// is also written to a compacted topic, so a cell's new owner after a rebalance takes over
+    /// what the last owner learnt instead of learning from nothing, and goes on with its open
+    /// incident (`src/changelog.rs`). Absent (default): each instance's state is its own.
     pub changelog: Option<ChangelogConfig>,
 }
 

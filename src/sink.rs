@@ -151,22 +151,17 @@ impl Sink {
         .map(|_| ())
     }
 
-    /// Publishes one record of the judge-state changelog `topic`, keyed by its cell, and waits
-    /// for the acknowledgement.
+    /// Publishes one record of the judge-state changelog `topic`, keyed by its cell (`None`: a
+    /// tombstone, the cell has nothing to keep), and waits for the acknowledgement.
     pub async fn publish_state(
         &self,
         topic: &str,
         cell: &str,
-        state: &[u8],
+        state: Option<&[u8]>,
     ) -> Result<(), SinkError> {
-        self.send(
-            topic,
-            Some(cell.as_bytes()),
-            Some(state),
-            OwnedHeaders::new(),
-        )
-        .await
-        .map(|_| ())
+        self.send(topic, Some(cell.as_bytes()), state, OwnedHeaders::new())
+            .await
+            .map(|_| ())
     }
 
     async fn send(

@@ -1020,11 +1020,13 @@ async fn a_missing_changelog_topic_stops_the_start() {
 
 /// With `[detect.changelog]`, a cell's judge state moves with the cell: a second instance joins
 /// the group, takes over one of the two cells' partitions in the rebalance, and goes on with the
-/// divergence baselines the first instance learnt, read from the changelog topic, instead of
-/// starting them again. No state file is involved.
+/// divergence baselines and the open incident the first instance had, read from the changelog
+/// topic, instead of starting them again. No state file is involved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_divergence_baselines_move_with_a_cell_to_its_new_owner() {
+async fn the_judge_state_moves_with_a_cell_to_its_new_owner() {
     use gridwatch::detect::JudgeState;
+    use gridwatch::detect::incident::IncidentConfig;
+    use gridwatch::schema::IncidentStatus;
     const CHANGELOG: &str = "gridwatch-judge-state";
     let fixture = Fixture::new().await;
     fixture.cluster.create_topic(CHANGELOG, 1, 1).unwrap();
@@ -1033,6 +1035,14 @@ async fn the_divergence_baselines_move_with_a_cell_to_its_new_owner() {
         steps: 4,
         warmup: Duration::from_secs(30),
         ..Default::default()
+    });
+    // Every window is anomalous: each cell opens one incident at its first window, and it
+    // stays open (no severity above its first, no periodic UPDATE) for the whole run.
+    config.detect.threshold = Some(1e-9);
+    config.detect.incidents = Some(IncidentConfig {
+        open_after: 1,
+        close_after: 2,
+        update_every: 0,
     });
     config.detect.changelog = Some(gridwatch::config::ChangelogConfig {
         topic: CHANGELOG.into(),
@@ -1152,5 +1162,28 @@ async fn the_divergence_baselines_move_with_a_cell_to_its_new_owner() {
     };
     let after = saved(&fixture.bootstrap);
     assert_baselines_went_on(&baselines(&before), &baselines(&after), "the rebalance");
+    for (cell, state) in &after {
+        assert!(
+            state.incidents.contains_key(cell),
+            "{cell}: the open incident is saved"
+        );
+    }
+
+    // One incident per cell: the new owner went on with the moved cell's incident instead of
+    // opening a second one.
+    let event_codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
+    let mut opened = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for m in common::read_all(&fixture.bootstrap, "anomalies") {
+        let value = event_codec.decode(m.payload().unwrap()).unwrap();
+        let event = AnomalyEvent::from_value(&value).unwrap();
+        let incident = event.incident.expect("every event is an incident's");
+        assert_eq!(incident.status, IncidentStatus::Open, "{}", event.cell_id);
+        opened
+            .entry(event.cell_id)
+            .or_default()
+            .push(incident.incident_id);
+    }
+    assert_eq!(opened.len(), 2, "{opened:?}");
+    assert!(opened.values().all(|ids| ids.len() == 1), "{opened:?}");
     fixture.close();
 }

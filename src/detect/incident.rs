@@ -142,9 +142,10 @@ pub struct Transition {
     pub severity_rank: u8,
 }
 
-/// State of a cell with a pending or open incident.
-#[derive(Debug, Clone)]
-struct CellState {
+/// State of a cell with a pending or open incident; what the judge state saves of it, so
+/// that the cell's next owner goes on with the same incident.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncidentState {
     last_end_ms: i64,
     opened_at_ms: i64,
     windows: u32,
@@ -154,7 +155,7 @@ struct CellState {
     open: Option<OpenState>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct OpenState {
     id: String,
     /// Anomalous windows since the last OPEN or UPDATE.
@@ -163,7 +164,12 @@ struct OpenState {
     normal_run: u32,
 }
 
-impl CellState {
+impl IncidentState {
+    /// The end of the last window taken.
+    pub fn last_end_ms(&self) -> i64 {
+        self.last_end_ms
+    }
+
     /// The state after the first anomalous window of a streak.
     fn start(window_end_ms: i64, observation: Observation) -> Self {
         Self {
@@ -219,7 +225,7 @@ impl CellState {
 pub struct IncidentTracker {
     config: IncidentConfig,
     scope: String,
-    cells: HashMap<Arc<str>, CellState>,
+    cells: HashMap<Arc<str>, IncidentState>,
     /// Cells of `cells` whose incident is open.
     open_incidents: usize,
 }
@@ -252,7 +258,7 @@ impl IncidentTracker {
             open_incidents,
         } = self;
         let Some(state) = cells.get_mut(&**cell) else {
-            let mut state = CellState::start(window_end_ms, observation?);
+            let mut state = IncidentState::start(window_end_ms, observation?);
             let transition = state.open_if_due(config, scope, cell);
             *open_incidents += usize::from(transition.is_some());
             cells.insert(Arc::clone(cell), state);
@@ -323,6 +329,33 @@ impl IncidentTracker {
             }
             None => false,
         }
+    }
+
+    /// What the tracker holds of `cell`, to save. A peak score that is not finite (a window
+    /// scored NaN that a sensor check made anomalous) is saved as 0: JSON has no NaN.
+    pub fn state(&self, cell: &str) -> Option<IncidentState> {
+        let mut state = self.cells.get(cell)?.clone();
+        if !state.peak_score.is_finite() {
+            state.peak_score = 0.0;
+        }
+        Some(state)
+    }
+
+    /// Takes over a saved state of `cell` (see [`IncidentTracker::state`]): its windows up to
+    /// the saved one are taken already, and an open incident goes on under its id.
+    pub fn adopt(&mut self, cell: &Arc<str>, state: IncidentState) {
+        let opens = usize::from(state.open.is_some());
+        if let Some(old) = self.cells.insert(Arc::clone(cell), state)
+            && old.open.is_some()
+        {
+            self.open_incidents -= 1;
+        }
+        self.open_incidents += opens;
+    }
+
+    /// Whether `cell` has a pending or open incident.
+    pub fn holds(&self, cell: &str) -> bool {
+        self.cells.contains_key(cell)
     }
 
     /// Cells with a pending or open incident.
@@ -620,6 +653,49 @@ mod tests {
             (update.windows, update.peak_score, update.severity_rank),
             (2, 3.0, 1)
         );
+    }
+
+    #[test]
+    fn an_adopted_state_goes_on_with_the_same_incident() {
+        let cell: Arc<str> = Arc::from("c");
+        let mut first = new_tracker(2, 2, 0);
+        let opened = feed(
+            &mut first,
+            &cell,
+            &[(1, anomalous(5.0, 1)), (2, anomalous(7.0, 2))],
+        );
+        assert_eq!(statuses(&opened), [None, Some(Status::Open)]);
+        let id = opened[1].as_ref().unwrap().incident_id.clone();
+        let saved: IncidentState =
+            serde_json::from_slice(&serde_json::to_vec(&first.state("c").unwrap()).unwrap())
+                .unwrap();
+
+        let mut next = new_tracker(2, 2, 0);
+        next.adopt(&cell, saved);
+        assert_eq!(next.open_count(), 1);
+        // Windows the saved state had taken are taken already; later ones go on with it.
+        let after = feed(
+            &mut next,
+            &cell,
+            &[(2, anomalous(9.0, 3)), (3, None), (4, None)],
+        );
+        assert_eq!(statuses(&after), [None, None, Some(Status::Close)]);
+        let close = after[2].as_ref().unwrap();
+        assert_eq!(
+            (&close.incident_id, close.windows, close.peak_score),
+            (&id, 2, 7.0)
+        );
+        assert_eq!(next.open_count(), 0);
+    }
+
+    #[test]
+    fn a_saved_peak_that_is_not_a_number_is_saved_as_zero() {
+        let cell: Arc<str> = Arc::from("c");
+        let mut tracker = new_tracker(2, 2, 0);
+        feed(&mut tracker, &cell, &[(1, anomalous(f64::NAN, 1))]);
+        let json = serde_json::to_vec(&tracker.state("c").unwrap()).unwrap();
+        let saved: IncidentState = serde_json::from_slice(&json).unwrap();
+        assert_eq!(saved.peak_score, 0.0);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::divergence::{BaselineEntry, Divergence};
-use super::incident::{IncidentTracker, Observation, Status, Transition};
+use super::incident::{IncidentState, IncidentTracker, Observation, Status, Transition};
 use super::spot::{Spot, Verdict};
 use super::{Detector, Score, severity};
 use crate::assemble::Window;
@@ -52,9 +52,10 @@ struct CellThreshold {
     divergence: Option<Divergence>,
 }
 
-/// What a judge keeps across a graceful restart (`[detect] state_file`): the divergence
-/// baselines (a day to learn) and the SPOT thresholds (`spot_init_windows` windows to fit).
-/// Incidents start again.
+/// What a judge keeps across a graceful restart (`[detect] state_file`) and hands a cell's next
+/// owner (`[detect.changelog]`): the divergence baselines (a day to learn) and the SPOT
+/// thresholds (`spot_init_windows` windows to fit); to the next owner also the incidents,
+/// pending or open, so that an incident goes on under its id.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct JudgeState {
     /// The model channels the baselines' channel indices refer to.
@@ -69,6 +70,11 @@ pub struct JudgeState {
     /// Per cell, its SPOT state (`threshold_policy = "spot"` only).
     #[serde(default)]
     pub spot: BTreeMap<String, SpotState>,
+    /// Per cell, its pending or open incident (`[detect.incidents]`, changelog records only).
+    /// Saved only where every transition of the cell is acknowledged, so that the windows it
+    /// has taken are ones whose events are out.
+    #[serde(default)]
+    pub incidents: BTreeMap<String, IncidentState>,
 }
 
 /// One cell's SPOT state: the scores collected towards its fit, or its fitted tail.
@@ -86,6 +92,8 @@ pub struct Restored {
     pub divergence: Result<usize, String>,
     /// Cells whose SPOT state was taken over.
     pub spot: Result<usize, String>,
+    /// Cells whose pending or open incident was taken over.
+    pub incidents: Result<usize, String>,
 }
 
 /// Thresholds per cell and incidents, for one model.
@@ -243,19 +251,34 @@ impl Judge {
         (fixed, anomalous)
     }
 
-    /// What this judge has learnt that is worth keeping across a restart.
+    /// What this judge has learnt that is worth keeping across a graceful restart: thresholds
+    /// and baselines. Not the incidents: the file stays on disk after the start that read it,
+    /// and a later start (after a crash) would take over incidents the run in between went on
+    /// with and closed.
     pub fn state(&self, saved_at_ms: i64) -> JudgeState {
         self.state_of(saved_at_ms, || self.cells.iter())
     }
 
-    /// What this judge has learnt of `cell` alone (its record in the state changelog), or
-    /// `None` when it has learnt nothing of it yet.
-    pub fn cell_state(&self, cell: &str, saved_at_ms: i64) -> Option<JudgeState> {
-        let state = self.state_of(saved_at_ms, || self.cells.get_key_value(cell).into_iter());
-        (!state.divergence.is_empty() || !state.spot.is_empty()).then_some(state)
+    /// What this judge holds of `cell` alone (its record in the state changelog), its
+    /// incident only `with_incident` (every transition of the cell acknowledged), or `None`
+    /// when that is nothing.
+    pub fn cell_state(
+        &self,
+        cell: &str,
+        saved_at_ms: i64,
+        with_incident: bool,
+    ) -> Option<JudgeState> {
+        let mut state = self.state_of(saved_at_ms, || self.cells.get_key_value(cell).into_iter());
+        if with_incident && let Some(incident) = self.incidents.as_ref().and_then(|t| t.state(cell))
+        {
+            state.incidents.insert(cell.to_owned(), incident);
+        }
+        let empty =
+            state.divergence.is_empty() && state.spot.is_empty() && state.incidents.is_empty();
+        (!empty).then_some(state)
     }
 
-    /// The state of the cells `cells` yields (called once per part).
+    /// The thresholds and baselines of the cells `cells` yields (called once per part).
     fn state_of<'a, I>(&'a self, saved_at_ms: i64, cells: impl Fn() -> I) -> JudgeState
     where
         I: Iterator<Item = (&'a Arc<str>, &'a CellThreshold)>,
@@ -281,18 +304,46 @@ impl Judge {
             divergence,
             model_hash: self.detector.model_hash.clone(),
             spot,
+            incidents: BTreeMap::new(),
         }
     }
 
     /// Takes over a saved state at `now_ms` (wall clock), each part where it fits: the
     /// divergence baselines, which need the check on, the same model channels and a state no
     /// older than the check's memory; the SPOT states, which need the same model file and the
-    /// same `[detect.spot]` settings.
+    /// same `[detect.spot]` settings; the incidents, which need incidents on and the same
+    /// model file (their scores and ids are that model's).
     pub fn restore(&mut self, state: JudgeState, now_ms: i64) -> Restored {
         let spot = self.restore_spot(&state.model_hash, state.spot);
+        let incidents = self.restore_incidents(&state.model_hash, state.incidents);
         let divergence =
             self.restore_divergence(state.channels, state.saved_at_ms, state.divergence, now_ms);
-        Restored { divergence, spot }
+        Restored {
+            divergence,
+            spot,
+            incidents,
+        }
+    }
+
+    fn restore_incidents(
+        &mut self,
+        model_hash: &str,
+        cells: BTreeMap<String, IncidentState>,
+    ) -> Result<usize, String> {
+        if cells.is_empty() {
+            return Ok(0);
+        }
+        let Some(tracker) = self.incidents.as_mut() else {
+            return Err("[detect.incidents] is off".into());
+        };
+        if model_hash != self.detector.model_hash {
+            return Err("the incidents were opened by another model".into());
+        }
+        let restored = cells.len();
+        for (cell, state) in cells {
+            tracker.adopt(&Arc::from(cell), state);
+        }
+        Ok(restored)
     }
 
     fn restore_spot(
@@ -364,10 +415,26 @@ impl Judge {
         Ok(restored)
     }
 
-    /// Whether this judge holds a threshold or baselines of `cell` (what [`Judge::cell_state`]
-    /// would save).
+    /// Closes the incident of `cell` taken over from its last owner when the window about to be
+    /// judged, starting at `window_start_ms`, does not overlap the last window the incident
+    /// took: the windows between were judged elsewhere (and may have closed it) or there were
+    /// none (the cell was silent), so it is closed as a silent cell's is (see
+    /// [`Judge::expire`]). Returns that CLOSE.
+    pub fn close_if_apart(
+        &mut self,
+        cell: &Arc<str>,
+        window_start_ms: i64,
+    ) -> Option<AnomalyEvent> {
+        let last_end_ms = self.incidents.as_ref()?.state(cell)?.last_end_ms();
+        if window_start_ms <= last_end_ms {
+            return None;
+        }
+        self.expire(cell, window_start_ms)
+    }
+
+    /// Whether this judge holds a threshold, baselines or an incident of `cell`.
     pub fn has_state(&self, cell: &str) -> bool {
-        self.cells.contains_key(cell)
+        self.cells.contains_key(cell) || (self.incidents.as_ref()).is_some_and(|t| t.holds(cell))
     }
 
     /// Cells with judge state: a threshold, divergence baselines or an incident.
@@ -535,10 +602,10 @@ mod tests {
         }
         assert!(judge.has_state("c") && judge.has_state("d"));
         assert!(
-            judge.cell_state("e", 1_000_000).is_none(),
+            judge.cell_state("e", 1_000_000, true).is_none(),
             "nothing learnt of e"
         );
-        let state = judge.cell_state("c", 1_000_000).unwrap();
+        let state = judge.cell_state("c", 1_000_000, true).unwrap();
         assert_eq!(state.divergence.keys().collect::<Vec<_>>(), ["c"]);
 
         // The cell's next owner: z's usual place is known at once, d's is not.
@@ -582,7 +649,8 @@ mod tests {
             took,
             Restored {
                 divergence: Ok(1),
-                spot: Ok(0)
+                spot: Ok(0),
+                incidents: Ok(0)
             }
         );
         assert!(restored.judge(&three_nodes(200, 30.0), &[0.0; 6]).anomalous);
@@ -760,6 +828,75 @@ mod tests {
             next.event.unwrap().incident.unwrap().status,
             IncidentStatus::Open
         );
+    }
+
+    #[test]
+    fn an_open_incident_goes_on_at_the_cells_next_owner() {
+        let mut judge = incident_judge();
+        // Windows ending at 2, 3 and 4 s: normal, then anomalous twice (OPEN at 3 s).
+        let js = judge_scores(&mut judge, &[1.0, 4.0, 4.0]);
+        let open = js[1].event.as_ref().unwrap().incident.clone().unwrap();
+        assert_eq!(open.status, IncidentStatus::Open);
+        assert!(
+            judge.cell_state("c", 0, false).is_none(),
+            "the incident is left out while its events are unacknowledged"
+        );
+        let state = judge.cell_state("c", 0, true).unwrap();
+        assert_eq!(state.incidents.keys().collect::<Vec<_>>(), ["c"]);
+
+        let mut off = Judge::new(detector(), &DetectConfig::default());
+        let refused = off.restore(state.clone(), 0).incidents;
+        assert_eq!(refused, Err("[detect.incidents] is off".into()));
+        let mut other_model = incident_judge();
+        let mut foreign = state.clone();
+        foreign.model_hash = "another model".into();
+        let refused = other_model.restore(foreign, 0).incidents;
+        assert_eq!(
+            refused,
+            Err("the incidents were opened by another model".into())
+        );
+
+        let mut next = incident_judge();
+        assert_eq!(next.restore(state, 0).incidents, Ok(1));
+        assert!(next.has_state("c"));
+        let mut judged = [(4, 4.0), (5, 1.0), (6, 1.0)]
+            .map(|(end_s, score): (i64, f64)| {
+                next.judge(&window(end_s), &[0.0, score.sqrt() as f32])
+            })
+            .into_iter();
+        let replayed = judged.next().unwrap();
+        assert!(
+            replayed.anomalous && replayed.event.is_none(),
+            "the old owner's window is not reported again"
+        );
+        assert!(judged.next().unwrap().event.is_none());
+        let close = judged.next().unwrap().event.unwrap().incident.unwrap();
+        assert_eq!(close.status, IncidentStatus::Close);
+        assert_eq!(
+            close.incident_id, open.incident_id,
+            "one incident, not a second"
+        );
+        assert_eq!((close.windows, close.peak_score), (2, 4.0));
+    }
+
+    #[test]
+    fn a_taken_over_incident_is_closed_when_the_next_window_is_apart() {
+        let mut judge = incident_judge();
+        let js = judge_scores(&mut judge, &[4.0]);
+        let open = js[0].event.as_ref().unwrap().incident.clone().unwrap();
+        let state = judge.cell_state("c", 0, true).unwrap();
+        let cell: Arc<str> = Arc::from("c");
+
+        let mut next = incident_judge();
+        next.restore(state, 0);
+        // The incident's last window is [0 s, 2 s): one from 1 s overlaps it, one from 2 s
+        // follows it, one from 3 s leaves a second unjudged.
+        assert!(next.close_if_apart(&cell, 1_000).is_none());
+        assert!(next.close_if_apart(&cell, 2_000).is_none());
+        let close = next.close_if_apart(&cell, 3_000).unwrap().incident.unwrap();
+        assert_eq!(close.status, IncidentStatus::Close);
+        assert_eq!(close.incident_id, open.incident_id);
+        assert!(!next.has_state("c"));
     }
 
     #[test]

@@ -67,24 +67,32 @@ impl Endings {
     }
 }
 
-/// What a published event comes back with: the holds to release, its severity, the window
-/// close → acknowledged latency (none for an event without a window of readings), the result.
-type Published = (
-    Vec<(i32, i64)>,
-    Severity,
-    Option<f64>,
-    Result<(), crate::sink::SinkError>,
-);
+/// What a published event comes back with.
+struct Published {
+    /// The holds to release.
+    holds: Vec<(i32, i64)>,
+    severity: Severity,
+    /// Window close → acknowledged (none for an event without a window of readings).
+    latency: Option<f64>,
+    /// The cell, for an event of an incident.
+    incident_of: Option<Arc<str>>,
+    result: Result<(), crate::sink::SinkError>,
+}
 
 async fn publish(
     sink: Arc<Sink>,
-    event: AnomalyEvent,
+    (cell, event): (Arc<str>, AnomalyEvent),
     holds: Vec<(i32, i64)>,
     closed_at: Option<std::time::Instant>,
 ) -> Published {
     let result = sink.publish_event(&event).await;
-    let latency = closed_at.map(|at| at.elapsed().as_secs_f64());
-    (holds, event.severity, latency, result)
+    Published {
+        holds,
+        severity: event.severity,
+        latency: closed_at.map(|at| at.elapsed().as_secs_f64()),
+        incident_of: event.incident.is_some().then_some(cell),
+        result,
+    }
 }
 
 /// What the judging task judges with: the judge, the cells that ended, and the state changelog.
@@ -129,7 +137,7 @@ pub(super) async fn publish_events(
     let end = |judge: &mut Judge,
                mut changelog: Option<&mut Changelog>,
                cells: Vec<(Arc<str>, Ending)>|
-     -> Vec<AnomalyEvent> {
+     -> Vec<(Arc<str>, AnomalyEvent)> {
         let mut closes = Vec::new();
         for (cell, ending) in cells {
             match ending {
@@ -143,12 +151,29 @@ pub(super) async fn publish_events(
                 Ending::Silent { at_ms } => {
                     if let Some(close) = judge.expire(&cell, at_ms) {
                         tracing::debug!(cell = %cell, at_ms, "Closed the incident of a silent cell.");
-                        closes.push(close);
+                        if let Some(changelog) = changelog.as_deref_mut() {
+                            changelog.changed(&cell);
+                        }
+                        closes.push((cell, close));
                     }
                 }
             }
         }
         closes
+    };
+    // An event of an incident is followed until acknowledged, so that the changelog saves the
+    // incident only when its events are out.
+    let sent = |changelog: Option<&mut Changelog>, (cell, event): &(Arc<str>, AnomalyEvent)| {
+        if let Some(changelog) = changelog
+            && event.incident.is_some()
+        {
+            changelog.transition_sent(cell);
+        }
+    };
+    let acknowledged = |changelog: Option<&mut Changelog>, published: &Published| {
+        if let (Some(changelog), Some(cell)) = (changelog, &published.incident_of) {
+            changelog.transition_acknowledged(cell);
+        }
     };
     loop {
         tokio::select! {
@@ -157,23 +182,32 @@ pub(super) async fn publish_events(
                 endings.receive();
                 for Inferred { window, reconstruction, model } in batch {
                     for close in end(&mut judge, changelog.as_mut(), endings.before_window()) {
+                        sent(changelog.as_mut(), &close);
                         in_flight.push(publish(Arc::clone(&sink), close, Vec::new(), None));
                     }
                     // Each window is judged by the model that scored it.
                     judge = judge.for_contract(&model);
-                    if let Some(changelog) = changelog.as_mut() {
-                        changelog.before_window(&mut judge, &window.cell);
+                    if let Some(changelog) = changelog.as_mut()
+                        && let Some(close) = changelog.before_window(&mut judge, &window)
+                    {
+                        let close = (Arc::clone(&window.cell), close);
+                        sent(Some(changelog), &close);
+                        in_flight.push(publish(Arc::clone(&sink), close, Vec::new(), None));
                     }
                     let Judgement { score, event, .. } = judge.judge(&window, &reconstruction);
                     telemetry::window_scored(&stats, score.score, window.closed_at.elapsed().as_secs_f64());
                     match event {
                         None => release(&window.holds),
-                        Some(event) => in_flight.push(publish(
-                            Arc::clone(&sink),
-                            event,
-                            window.holds,
-                            Some(window.closed_at),
-                        )),
+                        Some(event) => {
+                            let event = (window.cell, event);
+                            sent(changelog.as_mut(), &event);
+                            in_flight.push(publish(
+                                Arc::clone(&sink),
+                                event,
+                                window.holds,
+                                Some(window.closed_at),
+                            ));
+                        }
                     }
                 }
                 telemetry::cells_judged(judge.cell_count());
@@ -182,6 +216,7 @@ pub(super) async fn publish_events(
             Some(ended) = endings.input.recv() => {
                 endings.pending.push_back(ended);
                 for close in end(&mut judge, changelog.as_mut(), endings.due()) {
+                    sent(changelog.as_mut(), &close);
                     in_flight.push(publish(Arc::clone(&sink), close, Vec::new(), None));
                 }
                 telemetry::cells_judged(judge.cell_count());
@@ -191,23 +226,25 @@ pub(super) async fn publish_events(
                     changelog.write_due(&judge);
                 }
             }
-            Some((holds, severity, latency, result)) = in_flight.next() => {
-                if let Err(error) = result {
+            Some(published) = in_flight.next() => {
+                if let Err(error) = published.result {
                     failed.cancel();
                     return Err(error.into());
                 }
-                telemetry::event_published(&stats, severity, latency);
-                release(&holds);
+                acknowledged(changelog.as_mut(), &published);
+                telemetry::event_published(&stats, published.severity, published.latency);
+                release(&published.holds);
             }
         }
     }
-    while let Some((holds, severity, latency, result)) = in_flight.next().await {
-        if let Err(error) = result {
+    while let Some(published) = in_flight.next().await {
+        if let Err(error) = published.result {
             failed.cancel();
             return Err(error.into());
         }
-        telemetry::event_published(&stats, severity, latency);
-        release(&holds);
+        acknowledged(changelog.as_mut(), &published);
+        telemetry::event_published(&stats, published.severity, published.latency);
+        release(&published.holds);
     }
     if let Some(mut changelog) = changelog {
         changelog.write_final(&judge).await?;
@@ -240,6 +277,7 @@ pub(super) fn restore_judge_state(judge: &mut Judge, path: &std::path::Path) {
     for (part, result) in [
         ("divergence baselines", restored.divergence),
         ("SPOT thresholds", restored.spot),
+        ("incidents", restored.incidents),
     ] {
         match result {
             Ok(0) => {}
