@@ -156,6 +156,7 @@ impl Changelog {
         let restored = judge.restore(state, wall_clock_ms());
         telemetry::judge_state_restored(cell, "divergence baselines", &restored.divergence);
         telemetry::judge_state_restored(cell, "SPOT thresholds", &restored.spot);
+        telemetry::judge_state_restored(cell, "time-of-day floors", &restored.floors);
         telemetry::judge_state_restored(cell, "incidents", &restored.incidents);
         let close = judge.close_if_apart(cell, window.start_ms);
         if close.is_some() {
@@ -285,6 +286,7 @@ mod tests {
             divergence: Default::default(),
             model_hash: "abc".into(),
             spot: Default::default(),
+            floors: Default::default(),
             incidents: Default::default(),
         }
     }

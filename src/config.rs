@@ -439,6 +439,10 @@ pub struct DetectConfig {
     /// miscalibrated sensor) makes the window anomalous whatever its score
     /// (`src/detect/divergence.rs`). Absent (default): off.
     pub divergence: Option<crate::detect::divergence::DivergenceConfig>,
+    /// Present: a node far below the lowest it read at this time of day on recent days (a
+    /// road crawling at an hour it never crawled at) makes the window anomalous whatever its
+    /// score (`src/detect/floor.rs`). Absent (default): off.
+    pub floor: Option<crate::detect::floor::FloorConfig>,
     /// Present: consecutive anomalous windows of a cell form one incident, and only its OPEN,
     /// UPDATE and CLOSE are published (events carry `incident`). Absent (default): one event
     /// per anomalous window, `incident` null.
@@ -450,10 +454,10 @@ pub struct DetectConfig {
     /// since the model's calibrated one was fitted over every channel.
     pub score_channels: Vec<String>,
     /// Where the judge keeps what it learnt across a graceful restart: written at shutdown,
-    /// read at start. The divergence baselines and the SPOT thresholds, so that a restart does
-    /// not cost their warm-up. Absent (default): nothing is kept.
+    /// read at start. The divergence baselines, the floors and the SPOT thresholds, so that a
+    /// restart does not cost their warm-up. Absent (default): nothing is kept.
     pub state_file: Option<PathBuf>,
-    /// Present: the judge's per-cell state (divergence baselines, SPOT thresholds, incidents)
+    /// Present: the judge's per-cell state (divergence baselines, floors, SPOT thresholds, incidents)
     /// is also written to a compacted topic, so a cell's new owner after a rebalance takes over
     /// what the last owner learnt instead of learning from nothing, and goes on with its open
     /// incident (`src/changelog.rs`). Absent (default): each instance's state is its own.
@@ -496,6 +500,7 @@ impl Default for DetectConfig {
             flatline_steps: 0,
             spike_sigmas: 0.0,
             divergence: None,
+            floor: None,
             incidents: None,
             score_channels: Vec::new(),
             state_file: None,
@@ -767,6 +772,9 @@ impl Config {
         }
         if let Some(Err(e)) = self.detect.divergence.as_ref().map(|d| d.validate()) {
             return invalid(format!("[detect.divergence] {e}"));
+        }
+        if let Some(Err(e)) = self.detect.floor.as_ref().map(|f| f.validate()) {
+            return invalid(format!("[detect.floor] {e}"));
         }
         if let Some(path) = self.detect.state_file.as_deref() {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
@@ -1049,6 +1057,15 @@ mod tests {
         let f = file("[detect.divergence]\nmemory = \"6h\"\n");
         let c = Config::load(Some(f.path()), []).unwrap();
         assert_eq!(c.detect.divergence.map(|d| d.steps), Some(12));
+        let f = file("[detect.floor]\nslot = \"7m\"\n");
+        let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(message.contains("[detect.floor] slot"), "{message}");
+        let f = file("[detect.floor]\n");
+        let c = Config::load(Some(f.path()), []).unwrap();
+        assert_eq!(
+            c.detect.floor,
+            Some(crate::detect::floor::FloorConfig::default())
+        );
         let f = file("[detect.changelog]\ntopic = \"anomalies\"\n");
         let message = Config::load(Some(f.path()), []).unwrap_err().to_string();
         assert!(message.contains("a topic of its own"), "{message}");

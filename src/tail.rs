@@ -113,6 +113,12 @@ pub fn event_json(e: &AnomalyEvent) -> String {
             "usual": d.usual,
             "deviation": d.deviation,
         })).collect::<Vec<_>>(),
+        "below_floor": e.below_floor.iter().map(|b| serde_json::json!({
+            "node_id": b.node_id,
+            "channel": b.channel,
+            "value": b.value,
+            "floor": b.floor,
+        })).collect::<Vec<_>>(),
     })
     .to_string()
 }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::divergence::{BaselineEntry, Divergence};
+use super::floor::{FloorEntry, Floors};
 use super::incident::{IncidentState, IncidentTracker, Observation, Status, Transition};
 use super::spot::{Spot, Verdict};
 use super::{Detector, Score, severity};
@@ -50,12 +51,13 @@ struct CellThreshold {
     /// The fit failed (too few peaks): this cell stays on the static threshold.
     failed: bool,
     divergence: Option<Divergence>,
+    floor: Option<Floors>,
 }
 
 /// What a judge keeps across a graceful restart (`[detect] state_file`) and hands a cell's next
-/// owner (`[detect.changelog]`): the divergence baselines (a day to learn) and the SPOT
-/// thresholds (`spot_init_windows` windows to fit); to the next owner also the incidents,
-/// pending or open, so that an incident goes on under its id.
+/// owner (`[detect.changelog]`): the divergence baselines (a day to learn), the floors (days)
+/// and the SPOT thresholds (`spot_init_windows` windows to fit); to the next owner also the
+/// incidents, pending or open, so that an incident goes on under its id.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct JudgeState {
     /// The model channels the baselines' channel indices refer to.
@@ -70,6 +72,9 @@ pub struct JudgeState {
     /// Per cell, its SPOT state (`threshold_policy = "spot"` only).
     #[serde(default)]
     pub spot: BTreeMap<String, SpotState>,
+    /// Per cell, its nodes' time-of-day floors (`[detect.floor]`).
+    #[serde(default)]
+    pub floors: BTreeMap<String, Vec<FloorEntry>>,
     /// Per cell, its pending or open incident (`[detect.incidents]`, changelog records only).
     /// Saved only where every transition of the cell is acknowledged, so that the windows it
     /// has taken are ones whose events are out.
@@ -94,6 +99,8 @@ pub struct Restored {
     pub spot: Result<usize, String>,
     /// Cells whose pending or open incident was taken over.
     pub incidents: Result<usize, String>,
+    /// Cells whose time-of-day floors were taken over.
+    pub floors: Result<usize, String>,
 }
 
 /// Thresholds per cell and incidents, for one model.
@@ -158,6 +165,9 @@ impl Judge {
             if let Some(divergence) = state.divergence {
                 next.adopt_divergence(&cell, divergence);
             }
+            if let Some(floors) = state.floor {
+                next.adopt_floors(&cell, floors);
+            }
         }
         next
     }
@@ -166,6 +176,11 @@ impl Judge {
     /// range), instead of starting them on the cell's first window here.
     pub fn adopt_divergence(&mut self, cell: &Arc<str>, divergence: Divergence) {
         self.cells.entry(Arc::clone(cell)).or_default().divergence = Some(divergence);
+    }
+
+    /// Hands `cell` floors that learnt elsewhere (an offline evaluation's fit range).
+    pub fn adopt_floors(&mut self, cell: &Arc<str>, floors: Floors) {
+        self.cells.entry(Arc::clone(cell)).or_default().floor = Some(floors);
     }
 
     /// The threshold `cell` is judged by now.
@@ -185,6 +200,13 @@ impl Judge {
                 .divergence
                 .get_or_insert_with(|| self.detector.divergence(config));
             score.diverged = divergence.observe(window);
+        }
+        if let Some(config) = self.config.floor.as_ref() {
+            let state = self.cells.entry(Arc::clone(&window.cell)).or_default();
+            let floors = state
+                .floor
+                .get_or_insert_with(|| self.detector.floors(config));
+            score.below_floor = floors.observe(window);
         }
         let (threshold, above) = match self.config.threshold_policy {
             ThresholdPolicy::Static => {
@@ -273,8 +295,10 @@ impl Judge {
         {
             state.incidents.insert(cell.to_owned(), incident);
         }
-        let empty =
-            state.divergence.is_empty() && state.spot.is_empty() && state.incidents.is_empty();
+        let empty = state.divergence.is_empty()
+            && state.spot.is_empty()
+            && state.floors.is_empty()
+            && state.incidents.is_empty();
         (!empty).then_some(state)
     }
 
@@ -298,12 +322,16 @@ impl Judge {
                 (cell.to_string(), state)
             })
             .collect();
+        let floors = cells()
+            .filter_map(|(cell, state)| Some((cell.to_string(), state.floor.as_ref()?.entries())))
+            .collect();
         JudgeState {
             channels: self.detector.channels.clone(),
             saved_at_ms,
             divergence,
             model_hash: self.detector.model_hash.clone(),
             spot,
+            floors,
             incidents: BTreeMap::new(),
         }
     }
@@ -316,13 +344,49 @@ impl Judge {
     pub fn restore(&mut self, state: JudgeState, now_ms: i64) -> Restored {
         let spot = self.restore_spot(&state.model_hash, state.spot);
         let incidents = self.restore_incidents(&state.model_hash, state.incidents);
+        let floors = self.restore_floors(&state.channels, state.floors);
         let divergence =
             self.restore_divergence(state.channels, state.saved_at_ms, state.divergence, now_ms);
         Restored {
             divergence,
             spot,
             incidents,
+            floors,
         }
+    }
+
+    /// Takes over saved floors: refused when the check is off or the model's channels are not
+    /// the ones they were saved with; slots of another `[detect.floor] slot` are left out.
+    fn restore_floors(
+        &mut self,
+        channels: &[String],
+        cells: BTreeMap<String, Vec<FloorEntry>>,
+    ) -> Result<usize, String> {
+        if cells.is_empty() {
+            return Ok(0);
+        }
+        let Some(config) = self.config.floor.clone() else {
+            return Err("[detect.floor] is off".into());
+        };
+        if channels != self.detector.channels {
+            return Err(format!(
+                "they were saved for channels {channels:?}, the model has {:?}",
+                self.detector.channels
+            ));
+        }
+        let mut restored = 0;
+        for (cell, entries) in cells {
+            let mut floors = self.detector.floors(&config);
+            floors.adopt(entries);
+            if !floors.is_empty() {
+                restored += 1;
+                self.adopt_floors(&Arc::from(cell), floors);
+            }
+        }
+        if restored == 0 {
+            return Err("they were saved with another [detect.floor] slot".into());
+        }
+        Ok(restored)
     }
 
     fn restore_incidents(
@@ -588,6 +652,62 @@ mod tests {
         assert_eq!(event.diverged[0].node_id, "z");
     }
 
+    /// The floor check on: a slot judges from its first day, both steps of a window checked.
+    fn floor_config() -> DetectConfig {
+        DetectConfig {
+            floor: Some(crate::detect::floor::FloorConfig {
+                steps: 2,
+                days: 1,
+                ..Default::default()
+            }),
+            ..DetectConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_node_below_its_floor_makes_the_window_anomalous_and_its_floors_move_with_the_cell() {
+        let config = floor_config();
+        let mut judge = Judge::new(three_node_detector("1", &config), &config);
+        assert!(!judge.judge(&three_nodes(2, 12.0), &[0.0; 6]).anomalous);
+        // z at 5, under 0.85 × its floor of 12, in both steps.
+        let j = judge.judge(&three_nodes(4, 5.0), &[0.0; 6]);
+        assert!(j.anomalous);
+        let event = j.event.expect("an anomalous window is published");
+        assert_eq!(event.below_floor.len(), 1, "{:?}", event.below_floor);
+        assert_eq!(
+            (
+                event.below_floor[0].node_id.as_str(),
+                event.below_floor[0].floor
+            ),
+            ("z", 12.0)
+        );
+
+        // Saved and taken over: with the check on only, for the model's channels only.
+        let state = judge.cell_state("c", 0, false).unwrap();
+        assert_eq!(state.floors["c"].len(), 3, "x, y and z on one channel");
+        let mut off = Judge::new(
+            three_node_detector("1", &DetectConfig::default()),
+            &DetectConfig::default(),
+        );
+        assert_eq!(
+            off.restore(state.clone(), 0).floors,
+            Err("[detect.floor] is off".into())
+        );
+        let mut next = Judge::new(three_node_detector("1", &config), &config);
+        assert_eq!(next.restore(state, 0).floors, Ok(1));
+        assert!(
+            next.judge(&three_nodes(6, 5.0), &[0.0; 6]).anomalous,
+            "the floor came along"
+        );
+
+        // A new model keeps them: they are the sensors' values, not the model's.
+        let next = next.for_model(three_node_detector("2", &config));
+        assert!(
+            next.cell_state("c", 0, false)
+                .is_some_and(|s| s.floors.contains_key("c"))
+        );
+    }
+
     #[test]
     fn a_cell_state_holds_that_cell_alone_and_restores_it() {
         let config = divergence_config();
@@ -650,7 +770,8 @@ mod tests {
             Restored {
                 divergence: Ok(1),
                 spot: Ok(0),
-                incidents: Ok(0)
+                incidents: Ok(0),
+                floors: Ok(0)
             }
         );
         assert!(restored.judge(&three_nodes(200, 30.0), &[0.0; 6]).anomalous);

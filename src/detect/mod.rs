@@ -22,6 +22,7 @@
 //!   model, so scoring the same window again yields a byte-identical event.
 
 pub mod divergence;
+pub mod floor;
 pub mod incident;
 pub mod judge;
 pub mod spot;
@@ -80,13 +81,19 @@ pub struct Score {
     /// Every node/channel the divergence check found away from its usual level, furthest first
     /// (set by the [`Judge`]).
     pub diverged: Vec<divergence::DivergedAt>,
+    /// Every node/channel the floor check found below its time-of-day floor (set by the
+    /// [`Judge`]).
+    pub below_floor: Vec<floor::BelowFloor>,
 }
 
 impl Score {
     /// Whether a sensor check found a fault (a flatline, a spike, a divergence): such a window
     /// is anomalous whatever its score.
     pub fn has_sensor_fault(&self) -> bool {
-        !self.flat.is_empty() || !self.spikes.is_empty() || !self.diverged.is_empty()
+        !self.flat.is_empty()
+            || !self.spikes.is_empty()
+            || !self.diverged.is_empty()
+            || !self.below_floor.is_empty()
     }
 }
 
@@ -177,6 +184,11 @@ impl Detector {
         divergence::Divergence::new(config.clone(), &std)
     }
 
+    /// The floor check's state for one cell, over this model's channels.
+    pub fn floors(&self, config: &floor::FloorConfig) -> floor::Floors {
+        floor::Floors::new(config.clone(), self.channels.len())
+    }
+
     /// The threshold in use.
     pub fn threshold(&self) -> f64 {
         self.threshold
@@ -229,6 +241,7 @@ impl Detector {
             flat,
             spikes,
             diverged: Vec::new(),
+            below_floor: Vec::new(),
         }
     }
 
@@ -374,6 +387,16 @@ impl Detector {
                     level: d.level,
                     usual: d.usual,
                     deviation: d.deviation,
+                })
+                .collect(),
+            below_floor: score
+                .below_floor
+                .iter()
+                .map(|b| crate::schema::BelowFloor {
+                    node_id: window.nodes[b.slot].to_string(),
+                    channel: self.channels[b.channel].clone(),
+                    value: b.value,
+                    floor: b.floor,
                 })
                 .collect(),
         }

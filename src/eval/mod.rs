@@ -30,6 +30,7 @@ use serde::Serialize;
 use crate::assemble::{Admission, AssembleSpec, Assembler, Provenance, Window};
 use crate::config::Config;
 use crate::detect::divergence::Divergence;
+use crate::detect::floor::Floors;
 use crate::detect::{Detector, Judge};
 use crate::infer::Model;
 use crate::infer::contract::Standardisation;
@@ -162,6 +163,8 @@ struct CellRun {
     fit_scores: Vec<f64>,
     /// The divergence check's baselines while the fit range plays ([detect.divergence]).
     divergence: Option<Divergence>,
+    /// The floor check's floors while the fit range plays ([detect.floor]).
+    floor: Option<Floors>,
     judge: Option<Judge>,
     /// Window end → flagged.
     flagged: HashMap<i64, bool>,
@@ -318,6 +321,11 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                                 .get_or_insert_with(|| detector.divergence(config))
                                 .observe(w);
                         }
+                        if let Some(config) = config.detect.floor.as_ref() {
+                            (cell.floor)
+                                .get_or_insert_with(|| detector.floors(config))
+                                .observe(w);
+                        }
                         continue;
                     }
                     if cell.judge.is_none() {
@@ -355,6 +363,9 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                         if let Some(divergence) = cell.divergence.take() {
                             judge.adopt_divergence(&w.cell, divergence);
                         }
+                        if let Some(floors) = cell.floor.take() {
+                            judge.adopt_floors(&w.cell, floors);
+                        }
                         cell.judge = Some(judge);
                     }
                     let judge = cell.judge.as_mut().expect("set above");
@@ -380,7 +391,8 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                         // Of the diverged nodes only the furthest: one node's move can nudge
                         // the median its neighbours are measured against.
                         let furthest = score.diverged.first().map(|d| d.slot);
-                        let faulty = faulty.chain(furthest);
+                        let below = score.below_floor.iter().map(|b| b.slot);
+                        let faulty = faulty.chain(furthest).chain(below);
                         for slot in faulty.chain(score.spikes.iter().map(|s| s.slot)) {
                             match per_node.iter_mut().find(|(n, _)| *n == w.nodes[slot]) {
                                 Some((_, m)) => *m += top,

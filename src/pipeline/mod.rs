@@ -95,6 +95,10 @@ pub fn detector_for(config: &Config, contract: &ModelContract) -> anyhow::Result
             "[detect.divergence] steps",
             config.detect.divergence.as_ref().map(|d| d.steps),
         ),
+        (
+            "[detect.floor] steps",
+            config.detect.floor.as_ref().map(|f| f.steps),
+        ),
     ];
     for (setting, steps) in step_settings {
         if let Some(steps) = steps
@@ -561,6 +565,13 @@ mod tests {
             message.contains("[detect.divergence] steps is 99"),
             "{message}"
         );
+        let message = refused(|c| {
+            c.detect.floor = Some(crate::detect::floor::FloorConfig {
+                steps: 99,
+                ..Default::default()
+            })
+        });
+        assert!(message.contains("[detect.floor] steps is 99"), "{message}");
         let message = refused(|c| c.detect.score_channels = vec!["nope".into()]);
         assert!(message.contains("score_channels"), "{message}");
     }

@@ -277,6 +277,7 @@ pub(super) fn restore_judge_state(judge: &mut Judge, path: &std::path::Path) {
     for (part, result) in [
         ("divergence baselines", restored.divergence),
         ("SPOT thresholds", restored.spot),
+        ("time-of-day floors", restored.floors),
         ("incidents", restored.incidents),
     ] {
         match result {

@@ -20,8 +20,8 @@ pub mod fast;
 pub mod records;
 
 pub use records::{
-    AnomalyEvent, Channel, Contributor, Diverged, Flatline, Incident, IncidentStatus, Reading,
-    Severity, ShapeError, SpatialNode, Spike,
+    AnomalyEvent, BelowFloor, Channel, Contributor, Diverged, Flatline, Incident, IncidentStatus,
+    Reading, Severity, ShapeError, SpatialNode, Spike,
 };
 
 /// Largest allocation a single Avro length prefix may ask for; a hostile payload claiming a
@@ -403,6 +403,15 @@ mod tests {
             level: -14.5,
             usual: 2.0,
             deviation: 1.25,
+        }];
+        let bytes = codec.encode(&event.to_value()).unwrap();
+        let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
+        assert_eq!(back, event);
+        event.below_floor = vec![BelowFloor {
+            node_id: "n".into(),
+            channel: "speed".into(),
+            value: 21.5,
+            floor: 58.0,
         }];
         let bytes = codec.encode(&event.to_value()).unwrap();
         let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();

@@ -104,6 +104,8 @@ pub struct AnomalyEvent {
     pub spikes: Vec<Spike>,
     /// Nodes away from their usual level among their cell's nodes (the divergence check).
     pub diverged: Vec<Diverged>,
+    /// Nodes far below their floor for the time of day (the floor check).
+    pub below_floor: Vec<BelowFloor>,
 }
 
 #[cfg(test)]
@@ -135,6 +137,7 @@ impl AnomalyEvent {
             flatlined: Vec::new(),
             spikes: Vec::new(),
             diverged: Vec::new(),
+            below_floor: Vec::new(),
         }
     }
 }
@@ -162,6 +165,17 @@ pub struct Diverged {
     pub usual: f64,
     /// The usual spread of that level.
     pub deviation: f64,
+}
+
+/// A node/channel pair below its time-of-day floor over the floor check's last steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BelowFloor {
+    pub node_id: String,
+    pub channel: String,
+    /// The value at the window's last step.
+    pub value: f64,
+    /// The floor of that step's time-of-day slot.
+    pub floor: f64,
 }
 
 /// A node/channel pair that read exactly one value over the flatline check's last steps.
@@ -580,6 +594,22 @@ impl AnomalyEvent {
                         .collect(),
                 ),
             ),
+            (
+                "below_floor".into(),
+                Value::Array(
+                    self.below_floor
+                        .iter()
+                        .map(|b| {
+                            Value::Record(vec![
+                                ("node_id".into(), Value::String(b.node_id.clone())),
+                                ("channel".into(), Value::String(b.channel.clone())),
+                                ("value".into(), Value::Double(b.value)),
+                                ("floor".into(), Value::Double(b.floor)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
         ])
     }
 
@@ -667,6 +697,14 @@ impl AnomalyEvent {
                     level: d.double("level")?,
                     usual: d.double("usual")?,
                     deviation: d.double("deviation")?,
+                })
+            })?,
+            below_floor: fields.records_or_empty("below_floor", |b| {
+                Ok(BelowFloor {
+                    node_id: b.string("node_id")?,
+                    channel: b.string("channel")?,
+                    value: b.double("value")?,
+                    floor: b.double("floor")?,
                 })
             })?,
         })

@@ -1,0 +1,430 @@
+//! floor: a sensor reading far below the lowest it has read at this time of day.
+//!
+//! Traffic has a daily shape: a road that is free-flowing at 1 a.m. every night and crawls at
+//! 1 a.m. tonight has an incident, although a crawl is ordinary at 5 p.m. The model sees two
+//! hours and scores tonight's crawl against every congestion onset it knows; this check
+//! remembers, per node, channel and time of day, the lowest value of the last days.
+//!
+//! Invariants:
+//! - The day (UTC) is cut into slots of `slot`; a step belongs to the slot its start falls in.
+//! - Per node/channel/slot the check keeps the lowest value of each of the last `keep_days`
+//!   days (UTC) that had one; the slot's *floor* is the lowest of them. The slot *judges* once
+//!   it holds at least `days` days.
+//! - A node/channel is *below its floor* in a window when each of the window's last `steps`
+//!   steps is observed and under `factor` × the floor of its slot, every slot judging.
+//! - A value under `factor` × a judging slot's floor never teaches the slot, so a fault cannot
+//!   lower the floor it is measured against; every other observed value does. Once a slot's
+//!   judging days fall out of `keep_days`, it stops judging and learns again, so a lasting
+//!   change of a sensor's normal is accepted after about `keep_days` + `days` days.
+//! - Learning is a minimum per day, so a step seen in several overlapping windows, or again in
+//!   a replay, teaches the same: no order of windows is assumed.
+//! - Time of day is UTC: a daylight-saving change shifts local patterns by an hour, which
+//!   slots of an hour notice until the kept days have turned over.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::SettingError;
+use crate::assemble::Window;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The floor check's settings (`[detect.floor]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FloorConfig {
+    /// A value under this share of its slot's floor is below it (0 < factor < 1 for a floor
+    /// of positive values such as speeds).
+    #[serde(default = "default_factor")]
+    pub factor: f64,
+    /// Consecutive steps at the window's end that must all be below their floors.
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    /// Length of a time-of-day slot; a whole number of them makes a day.
+    #[serde(default = "default_slot", with = "humantime_serde")]
+    pub slot: Duration,
+    /// Days a slot must have learnt before it judges.
+    #[serde(default = "default_days")]
+    pub days: usize,
+    /// Days a slot remembers.
+    #[serde(default = "default_keep_days")]
+    pub keep_days: usize,
+}
+
+fn default_factor() -> f64 {
+    0.85
+}
+fn default_steps() -> usize {
+    5
+}
+fn default_slot() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_days() -> usize {
+    3
+}
+fn default_keep_days() -> usize {
+    7
+}
+
+impl Default for FloorConfig {
+    fn default() -> Self {
+        Self {
+            factor: default_factor(),
+            steps: default_steps(),
+            slot: default_slot(),
+            days: default_days(),
+            keep_days: default_keep_days(),
+        }
+    }
+}
+
+impl FloorConfig {
+    /// Refuses a factor that is not a positive number, 0 steps, a slot that does not divide a
+    /// day, or `days` outside 1..=`keep_days`.
+    pub fn validate(&self) -> Result<(), SettingError> {
+        if !(self.factor.is_finite() && self.factor > 0.0) {
+            return Err(SettingError("factor must be a positive share of the floor"));
+        }
+        if self.steps == 0 {
+            return Err(SettingError("steps is 0: a fault needs at least 1 step"));
+        }
+        let slot_ms = self.slot.as_millis();
+        if slot_ms == 0 || !(DAY_MS as u128).is_multiple_of(slot_ms) {
+            return Err(SettingError(
+                "slot must divide a day into whole slots (e.g. \"1h\", \"30m\")",
+            ));
+        }
+        if self.days == 0 || self.days > self.keep_days {
+            return Err(SettingError(
+                "days must be at least 1 and at most keep_days",
+            ));
+        }
+        Ok(())
+    }
+
+    fn slot_ms(&self) -> i64 {
+        self.slot.as_millis() as i64
+    }
+}
+
+/// A node/channel below its floor over the window's last steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BelowFloor {
+    pub slot: usize,
+    pub channel: usize,
+    /// The value at the window's last step.
+    pub value: f64,
+    /// The floor of that step's slot.
+    pub floor: f64,
+}
+
+/// The lowest value of one node/channel/slot on each kept day: `(day, lowest)`, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlotDays(Vec<(i64, f32)>);
+
+impl SlotDays {
+    /// The floor on `day`: the lowest value of the kept days before or on it, when they are
+    /// at least `days`.
+    fn floor(&self, day: i64, days: usize, keep_days: usize) -> Option<f32> {
+        let kept = self
+            .0
+            .iter()
+            .filter(|d| d.0 > day - keep_days as i64 && d.0 <= day);
+        let (count, lowest) = kept.fold((0, f32::INFINITY), |(n, low), d| (n + 1, low.min(d.1)));
+        (count >= days).then_some(lowest)
+    }
+
+    fn learn(&mut self, day: i64, value: f32, keep_days: usize) {
+        self.0.retain(|d| d.0 > day - keep_days as i64);
+        match self.0.iter_mut().find(|d| d.0 == day) {
+            Some(d) => d.1 = d.1.min(value),
+            None => {
+                let at = self.0.partition_point(|d| d.0 < day);
+                self.0.insert(at, (day, value));
+            }
+        }
+    }
+}
+
+/// The floors of one cell's nodes: per node and channel, one [`SlotDays`] per slot.
+#[derive(Debug, Clone)]
+pub struct Floors {
+    config: FloorConfig,
+    /// Model channels per node in a window.
+    channels: usize,
+    nodes: HashMap<(Arc<str>, usize), Vec<SlotDays>>,
+}
+
+/// One node/channel's slots, as saved.
+pub type FloorEntry = (String, usize, Vec<SlotDays>);
+
+impl Floors {
+    pub fn new(config: FloorConfig, channels: usize) -> Self {
+        Self {
+            config,
+            channels,
+            nodes: HashMap::new(),
+        }
+    }
+
+    /// Every node/channel's slots, to save.
+    pub fn entries(&self) -> Vec<FloorEntry> {
+        let mut out: Vec<FloorEntry> = (self.nodes.iter())
+            .map(|((node, channel), slots)| (node.to_string(), *channel, slots.clone()))
+            .collect();
+        out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        out
+    }
+
+    /// Takes over saved slots; those of another slot length are left out.
+    pub fn adopt(&mut self, entries: Vec<FloorEntry>) {
+        let slots = self.slots_per_day();
+        for (node, channel, days) in entries {
+            if days.len() == slots && channel < self.channels {
+                self.nodes.insert((Arc::from(node), channel), days);
+            }
+        }
+    }
+
+    pub fn config(&self) -> &FloorConfig {
+        &self.config
+    }
+
+    /// Whether no node/channel has slots.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    fn slots_per_day(&self) -> usize {
+        (DAY_MS / self.config.slot_ms()) as usize
+    }
+
+    /// Judges every node/channel of `window` against its floors, then learns from the window.
+    pub fn observe(&mut self, window: &Window) -> Vec<BelowFloor> {
+        let (n, f) = (window.node_count(), self.channels);
+        let steps = window.values.len() / (n * f).max(1);
+        if steps == 0 {
+            return Vec::new();
+        }
+        let cadence = (window.end_ms - window.start_ms) / steps as i64;
+        let (slot_ms, slots) = (self.config.slot_ms(), self.slots_per_day());
+        let FloorConfig {
+            factor,
+            days,
+            keep_days,
+            ..
+        } = self.config;
+        let checked = self.config.steps.min(steps);
+        let mut found = Vec::new();
+        for node in 0..n {
+            for c in 0..f {
+                let key = (Arc::clone(&window.nodes[node]), c);
+                let floors =
+                    (self.nodes.entry(key)).or_insert_with(|| vec![SlotDays::default(); slots]);
+                let mut below = 0;
+                let mut last = None;
+                for t in 0..steps {
+                    let at = (t * n + node) * f + c;
+                    if window.mask[at] <= 0.0 {
+                        continue;
+                    }
+                    let value = window.values[at];
+                    let start = window.start_ms + t as i64 * cadence;
+                    let day = start.div_euclid(DAY_MS);
+                    let slot = (start.rem_euclid(DAY_MS) / slot_ms) as usize;
+                    let floor = floors[slot].floor(day, days, keep_days);
+                    let under = floor.is_some_and(|fl| f64::from(value) < factor * f64::from(fl));
+                    if under {
+                        if t >= steps - checked {
+                            below += 1;
+                            last = floor.map(|fl| (value, fl));
+                        }
+                    } else {
+                        floors[slot].learn(day, value, keep_days);
+                    }
+                }
+                if below == checked
+                    && let Some((value, floor)) = last
+                {
+                    found.push(BelowFloor {
+                        slot: node,
+                        channel: c,
+                        value: f64::from(value),
+                        floor: f64::from(floor),
+                    });
+                }
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: i64 = 3_600_000;
+    const STEP: i64 = 300_000;
+
+    /// One node, one channel, 5-minute steps from `start_ms`.
+    fn window(start_ms: i64, values: &[f32]) -> Window {
+        Window {
+            cell: Arc::from("c"),
+            start_ms,
+            end_ms: start_ms + values.len() as i64 * STEP,
+            nodes: vec![Arc::from("n")],
+            values: values.to_vec(),
+            mask: vec![1.0; values.len()],
+            missing_fraction: 0.0,
+            holds: vec![],
+            closed_at: std::time::Instant::now(),
+        }
+    }
+
+    /// Every hour of `days`, a window of 12 steps at `speed`.
+    fn learn_days(floors: &mut Floors, days: std::ops::Range<i64>, speed: f32) {
+        for day in days {
+            for hour in 0..24 {
+                let found = floors.observe(&window(day * DAY_MS + hour * HOUR, &[speed; 12]));
+                assert!(found.is_empty(), "day {day} hour {hour}");
+            }
+        }
+    }
+
+    /// Day `day`, 01:00: 7 steps at 60, then `slow` steps at 30.
+    fn slowdown(day: i64, slow: usize) -> Window {
+        let mut values = vec![60.0; 12 - slow];
+        values.extend(std::iter::repeat_n(30.0, slow));
+        window(day * DAY_MS + HOUR, &values)
+    }
+
+    #[test]
+    fn a_slot_judges_once_it_has_learnt_its_days() {
+        let mut floors = Floors::new(FloorConfig::default(), 1);
+        learn_days(&mut floors, 0..3, 60.0);
+        let found = floors.observe(&slowdown(3, 5));
+        assert_eq!(
+            found,
+            [BelowFloor {
+                slot: 0,
+                channel: 0,
+                value: 30.0,
+                floor: 60.0
+            }]
+        );
+        assert!(
+            floors.observe(&slowdown(3, 4)).is_empty(),
+            "4 of the last 5 steps"
+        );
+    }
+
+    #[test]
+    fn before_its_days_a_slot_learns_everything() {
+        let mut floors = Floors::new(FloorConfig::default(), 1);
+        learn_days(&mut floors, 0..2, 60.0);
+        let slow = window(2 * DAY_MS + HOUR, &[30.0; 12]);
+        assert!(floors.observe(&slow).is_empty(), "two days of three");
+        let found = floors.observe(&window(3 * DAY_MS + HOUR, &[20.0; 12]));
+        assert_eq!(found[0].floor, 30.0, "day 2's 30 is now the floor");
+    }
+
+    #[test]
+    fn a_value_below_the_floor_does_not_lower_it() {
+        let mut floors = Floors::new(FloorConfig::default(), 1);
+        learn_days(&mut floors, 0..3, 60.0);
+        for _ in 0..3 {
+            assert_eq!(floors.observe(&slowdown(3, 12)).len(), 1);
+        }
+        // Slower than 60 but not under 0.85 × 60: 52 is learnt, and lowers the floor to 52.
+        let slower = window(3 * DAY_MS + 2 * HOUR, &[52.0; 12]);
+        assert!(floors.observe(&slower).is_empty());
+        let found = floors.observe(&window(3 * DAY_MS + 2 * HOUR, &[44.0; 12]));
+        assert_eq!(found[0].floor, 52.0);
+    }
+
+    #[test]
+    fn a_lasting_change_is_accepted_once_the_kept_days_turn_over() {
+        let config = FloorConfig {
+            days: 2,
+            keep_days: 3,
+            ..FloorConfig::default()
+        };
+        let mut floors = Floors::new(config, 1);
+        learn_days(&mut floors, 0..2, 60.0);
+        let slow = |day| window(day * DAY_MS + HOUR, &[30.0; 12]);
+        assert_eq!(floors.observe(&slow(2)).len(), 1);
+        // Day 3 keeps days 1 to 3, so day 1 alone of the judging days: the slot stops judging
+        // and learns 30, and judges again once it holds two days of it.
+        for day in 3..6 {
+            assert!(floors.observe(&slow(day)).is_empty(), "day {day}");
+        }
+        let found = floors.observe(&window(6 * DAY_MS + HOUR, &[20.0; 12]));
+        assert_eq!(found[0].floor, 30.0);
+    }
+
+    #[test]
+    fn unobserved_steps_neither_judge_nor_teach() {
+        let mut floors = Floors::new(FloorConfig::default(), 1);
+        learn_days(&mut floors, 0..3, 60.0);
+        let mut gap = slowdown(3, 12);
+        gap.mask[11] = 0.0;
+        gap.values[11] = 0.0;
+        assert!(
+            floors.observe(&gap).is_empty(),
+            "the last step is not observed"
+        );
+        assert_eq!(floors.observe(&slowdown(3, 12))[0].floor, 60.0);
+    }
+
+    #[test]
+    fn saved_slots_are_taken_over() {
+        let mut floors = Floors::new(FloorConfig::default(), 1);
+        learn_days(&mut floors, 0..3, 60.0);
+        let json = serde_json::to_string(&floors.entries()).unwrap();
+        let mut next = Floors::new(FloorConfig::default(), 1);
+        next.adopt(serde_json::from_str(&json).unwrap());
+        assert_eq!(next.observe(&slowdown(3, 5)).len(), 1);
+        let mut other_slots = Floors::new(
+            FloorConfig {
+                slot: Duration::from_secs(1800),
+                ..FloorConfig::default()
+            },
+            1,
+        );
+        other_slots.adopt(serde_json::from_str(&json).unwrap());
+        assert!(
+            other_slots.entries().is_empty(),
+            "slots of another length are left out"
+        );
+    }
+
+    #[test]
+    fn config_is_validated() {
+        assert!(FloorConfig::default().validate().is_ok());
+        let bad = [
+            FloorConfig {
+                factor: 0.0,
+                ..FloorConfig::default()
+            },
+            FloorConfig {
+                steps: 0,
+                ..FloorConfig::default()
+            },
+            FloorConfig {
+                slot: Duration::from_secs(7 * 60),
+                ..FloorConfig::default()
+            },
+            FloorConfig {
+                days: 8,
+                ..FloorConfig::default()
+            },
+        ];
+        for config in bad {
+            assert!(config.validate().is_err(), "{config:?}");
+        }
+    }
+}
