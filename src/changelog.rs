@@ -364,17 +364,7 @@ mod tests {
     /// The window of `cell` ending at `end_s`: one node, one channel, the last of two steps
     /// scored.
     fn window(cell: &Arc<str>, end_s: i64) -> Window {
-        Window {
-            cell: Arc::clone(cell),
-            start_ms: (end_s - 2) * 1_000,
-            end_ms: end_s * 1_000,
-            nodes: vec![Arc::from("n")],
-            values: vec![0.0, 0.0],
-            mask: vec![1.0, 1.0],
-            missing_fraction: 0.0,
-            holds: vec![],
-            closed_at: std::time::Instant::now(),
-        }
+        crate::detect::test_support::window(cell, end_s)
     }
 
     /// Judges [`window`] with the last step reconstructed as `r` (scored r²) and returns its

@@ -368,12 +368,7 @@ impl Judge {
         let Some(config) = self.config.floor.clone() else {
             return Err("[detect.floor] is off".into());
         };
-        if channels != self.detector.channels {
-            return Err(format!(
-                "they were saved for channels {channels:?}, the model has {:?}",
-                self.detector.channels
-            ));
-        }
+        self.has_channels(channels)?;
         let mut restored = 0;
         for (cell, entries) in cells {
             let mut floors = self.detector.floors(&config);
@@ -456,12 +451,7 @@ impl Judge {
         let Some(config) = self.config.divergence.clone() else {
             return Err("[detect.divergence] is off".into());
         };
-        if channels != self.detector.channels {
-            return Err(format!(
-                "they were saved for channels {channels:?}, the model has {:?}",
-                self.detector.channels
-            ));
-        }
+        self.has_channels(&channels)?;
         let age_ms = now_ms.saturating_sub(saved_at_ms);
         if age_ms > config.memory.as_millis() as i64 {
             return Err(format!(
@@ -494,6 +484,18 @@ impl Judge {
             return None;
         }
         self.expire(cell, window_start_ms)
+    }
+
+    /// Refuses state saved for other model channels than this judge's: its channel indices
+    /// would point at other channels.
+    fn has_channels(&self, channels: &[String]) -> Result<(), String> {
+        if channels != self.detector.channels {
+            return Err(format!(
+                "they were saved for channels {channels:?}, the model has {:?}",
+                self.detector.channels
+            ));
+        }
+        Ok(())
     }
 
     /// Whether this judge holds a threshold, baselines or an incident of `cell`.
@@ -572,17 +574,7 @@ mod tests {
     }
 
     fn window(end_s: i64) -> Window {
-        Window {
-            cell: Arc::from("c"),
-            start_ms: (end_s - 2) * 1_000,
-            end_ms: end_s * 1_000,
-            nodes: vec![Arc::from("n")],
-            values: vec![0.0, 0.0],
-            mask: vec![1.0, 1.0],
-            missing_fraction: 0.0,
-            holds: vec![],
-            closed_at: std::time::Instant::now(),
-        }
+        crate::detect::test_support::window("c", end_s)
     }
 
     /// The divergence check on: 6 deviations over both steps of a window, after a minute.

@@ -451,6 +451,22 @@ pub(crate) mod test_support {
             standardisation: Default::default(),
         }
     }
+
+    /// A window of `cell` ending at second `end_s`: one node `n`, one channel, two steps of
+    /// value 0, both observed.
+    pub fn window(cell: &str, end_s: i64) -> crate::assemble::Window {
+        crate::assemble::Window {
+            cell: std::sync::Arc::from(cell),
+            start_ms: (end_s - 2) * 1_000,
+            end_ms: end_s * 1_000,
+            nodes: vec![std::sync::Arc::from("n")],
+            values: vec![0.0, 0.0],
+            mask: vec![1.0, 1.0],
+            missing_fraction: 0.0,
+            holds: vec![],
+            closed_at: std::time::Instant::now(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -378,14 +378,16 @@ mod tests {
             let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
             assert_eq!(back, event);
         }
+        let round_trip = |event: &AnomalyEvent| {
+            let bytes = codec.encode(&event.to_value()).unwrap();
+            AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap()
+        };
         event.flatlined = vec![Flatline {
             node_id: "n".into(),
             channel: "current".into(),
             value: 3.25,
         }];
-        let bytes = codec.encode(&event.to_value()).unwrap();
-        let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
-        assert_eq!(back, event);
+        assert_eq!(round_trip(&event), event);
         event.spikes = vec![Spike {
             node_id: "n".into(),
             channel: "current".into(),
@@ -394,9 +396,7 @@ mod tests {
             before: 20.0,
             after: 21.5,
         }];
-        let bytes = codec.encode(&event.to_value()).unwrap();
-        let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
-        assert_eq!(back, event);
+        assert_eq!(round_trip(&event), event);
         event.diverged = vec![Diverged {
             node_id: "n".into(),
             channel: "speed".into(),
@@ -404,18 +404,14 @@ mod tests {
             usual: 2.0,
             deviation: 1.25,
         }];
-        let bytes = codec.encode(&event.to_value()).unwrap();
-        let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
-        assert_eq!(back, event);
+        assert_eq!(round_trip(&event), event);
         event.below_floor = vec![BelowFloor {
             node_id: "n".into(),
             channel: "speed".into(),
             value: 21.5,
             floor: 58.0,
         }];
-        let bytes = codec.encode(&event.to_value()).unwrap();
-        let back = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
-        assert_eq!(back, event);
+        assert_eq!(round_trip(&event), event);
     }
 
     #[test]
