@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the per-reading path: Avro decoding (the direct decoder against
 //! apache-avro's generic path), bucketing into the tensor, window extraction, and the
-//! divergence check's per-window work (off by default).
+//! divergence and floor checks' per-window work (both off by default).
 //!
 //! `cargo bench --bench hot_path`; figures in docs/performance.md. With `--features
 //! bench-serde-avro-fast` the decode group also runs serde_avro_fast on the same datums.
@@ -12,6 +12,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use gridwatch::assemble::{AssembleSpec, Assembler, Provenance};
 use gridwatch::decode::{Decoder, PayloadKind};
 use gridwatch::detect::divergence::{Divergence, DivergenceConfig};
+use gridwatch::detect::floor::{FloorConfig, Floors};
 use gridwatch::schema::fast::Readings;
 use gridwatch::schema::{
     Reading, RecordKind, SchemaIds, WireFormat, read_datum, records, write_datum,
@@ -248,9 +249,8 @@ fn assemble(c: &mut Criterion) {
     group.finish();
 }
 
-fn divergence(c: &mut Criterion) {
-    let mut group = c.benchmark_group("divergence");
-    let (cells, nodes) = (64, 8);
+/// The windows of `cells` cells of `nodes` nodes over 64 steps of the plant.
+fn plant_windows(cells: usize, nodes: usize) -> Vec<gridwatch::assemble::Window> {
     let data = readings(cells, nodes, 64);
     let mut assembler = Assembler::new(spec());
     let mut windows = Vec::new();
@@ -262,6 +262,13 @@ fn divergence(c: &mut Criterion) {
         let node: Arc<str> = Arc::from(r.node_id.as_str());
         assembler.add(&Arc::from(cell.as_str()), &node, r, at, &mut windows);
     }
+    windows
+}
+
+fn divergence(c: &mut Criterion) {
+    let mut group = c.benchmark_group("divergence");
+    let (cells, nodes) = (64, 8);
+    let windows = plant_windows(cells, nodes);
     let config = DivergenceConfig {
         warmup: std::time::Duration::ZERO,
         ..DivergenceConfig::default()
@@ -283,5 +290,26 @@ fn divergence(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, assemble, divergence);
+/// The floor check's per-window work (off by default): every step of every node/channel judged
+/// against its slot and learnt.
+fn floor(c: &mut Criterion) {
+    let mut group = c.benchmark_group("floor");
+    let (cells, nodes) = (64, 8);
+    let windows = plant_windows(cells, nodes);
+    let channels = spec().channels.len();
+    group.throughput(Throughput::Elements(windows.len() as u64));
+    group.bench_function(
+        BenchmarkId::new("windows", format!("{cells}x{nodes}")),
+        |b| {
+            b.iter(|| {
+                let mut check = Floors::new(FloorConfig::default(), channels);
+                let found: usize = windows.iter().map(|w| check.observe(w).len()).sum();
+                black_box(found)
+            })
+        },
+    );
+    group.finish();
+}
+
+criterion_group!(benches, decode, assemble, divergence, floor);
 criterion_main!(benches);
