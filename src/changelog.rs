@@ -2,9 +2,10 @@
 //! after a rebalance (or any instance after a restart) takes over what its last owner learnt.
 //!
 //! What the judge learns per cell takes long to learn again: the divergence baselines a day
-//! (`[detect.divergence] warmup`), a SPOT threshold `spot_init_windows` windows. Without this,
-//! every rebalance would leave the moved cells that blind. Kafka Streams keeps its state stores
-//! the same way.
+//! (`[detect.divergence] warmup`), the floors days (`[detect.floor] days`), a SPOT threshold
+//! `spot_init_windows` windows. Without this, every rebalance would leave the moved cells that
+//! blind, and would open a second incident for one that was open. Kafka Streams keeps its state
+//! stores the same way.
 //!
 //! Invariants:
 //! - A record is keyed by its cell; its value is the cell's [`JudgeState`] as JSON (the same
@@ -14,12 +15,17 @@
 //!   cell's partition is revoked (just before it forgets the cell), and at a graceful stop.
 //!   A crash loses at most the last `interval` of learning. One periodic write is in flight at
 //!   a time: while it is unacknowledged the next interval's cells wait for it.
+//! - A record carries the cell's incident only while every event of it is acknowledged, so the
+//!   windows the saved incident took are windows whose events are out. A cell with nothing to
+//!   keep whose record exists gets a tombstone (its incident closed).
 //! - Every instance reads the whole topic ([`crate::table`]) and keeps the latest record of
 //!   every cell; its own writes it keeps at once, so a cell revoked and assigned straight back
-//!   does not wait for its record to come round. A cell is restored from it when a window of the cell reaches a judge that holds
-//!   nothing of it; the judge's own rules decide what of the record it takes
-//!   ([`crate::detect::Judge::restore`]: same model channels, no older than the divergence
-//!   memory; SPOT only for the same model file and settings).
+//!   does not wait for its record to come round. A cell is restored from it at its first
+//!   window on the instance, when the judge holds nothing of it; the judge's own rules decide
+//!   what of the record it takes ([`crate::detect::Judge::restore`]: same model channels, no
+//!   older than the divergence memory; SPOT and incidents only for the same model file, SPOT
+//!   for the same settings). A taken-over incident whose last window the first one here does
+//!   not overlap is closed first ([`crate::detect::Judge::close_if_apart`]).
 //! - Writes are not on the event's delivery path: a failed write is logged and counted, and
 //!   costs only warm-up after the next move of the cell.
 
