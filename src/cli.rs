@@ -54,6 +54,9 @@ impl Cli {
     }
 }
 
+// The bracketed names in these doc comments are configuration sections for `--help`, not
+// rustdoc links.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run everything on an embedded Kafka (librdkafka's mock cluster): a simulated plant with
@@ -148,6 +151,7 @@ pub struct BenchArgs {
     pub repeat: u32,
 }
 
+#[allow(rustdoc::broken_intra_doc_links)] // configuration sections in `--help`, not links
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Example (SKAB's protocol):\n  gridwatch eval --model models/skab-attention-v1.json --fit-rows 400 \\\n    --label-column anomaly --ignore-columns changepoint \\\n    ../shared/data/skab/data/valve1 ../shared/data/skab/data/valve2 ../shared/data/skab/data/other"

@@ -3,7 +3,7 @@
 //! a consumer of the anomaly topic that prints what a SOC analyst would see.
 //!
 //! Invariant: the summary's precision and recall compare the events *read back from the anomaly
-//! topic* with the faults the simulator injected, using [`matches`]; nothing is taken from the
+//! topic* with the faults the simulator injected, using [`matches()`]; nothing is taken from the
 //! pipeline's own view of what it published.
 
 use std::sync::Arc;

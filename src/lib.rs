@@ -21,7 +21,7 @@
 //! [`telemetry`] (logging and counters), [`admin`] (metrics and health endpoints), [`cli`] (the command line), and the demo plant:
 //! [`simulate`] (the plant simulator as a producer), [`tail`] (the anomaly topic for people) and
 //! [`demo`] (everything on an in-process
-//! mock cluster), [`bench`] (throughput against the bare-consumer ceiling, latency) and
+//! mock cluster), [`bench`](mod@bench) (throughput against the bare-consumer ceiling, latency) and
 //! [`eval`] (detection quality on labelled datasets, through the same assemble → infer → detect
 //! code).
 

@@ -106,7 +106,7 @@ async fn follow<T: Table>(
     }
 }
 
-/// Follows `topic` into `table` on a task of its own ([`follow`]) and waits until the table
+/// Follows `topic` into `table` on a task of its own (`follow`) and waits until the table
 /// is loaded, at most `timeout` (the `setting` that sets it, for the error). Returns the
 /// following task, or `None` when `cancel` fires first. `what` names the table in errors.
 pub async fn load<T: Table>(

@@ -211,7 +211,7 @@ pub struct Inputs {
     pub kinds: HashMap<String, PayloadKind>,
 }
 
-/// Loads the registry ([`load_registry`]), then subscribes `group_id` to `topics`. `None` when
+/// Loads the registry (`load_registry`), then subscribes `group_id` to `topics`. `None` when
 /// `cancel` fires first.
 pub async fn connect(
     config: &Config,
