@@ -265,24 +265,25 @@ fn plant_windows(cells: usize, nodes: usize) -> Vec<gridwatch::assemble::Window>
     windows
 }
 
-fn divergence(c: &mut Criterion) {
-    let mut group = c.benchmark_group("divergence");
+/// A check's per-window work over the windows of 64 cells × 8 nodes, a fresh check (`new`) per
+/// iteration. One check sees every cell's windows (its state is keyed by node): the same work
+/// per window as one check per cell.
+fn per_window_check<C>(
+    c: &mut Criterion,
+    name: &str,
+    new: impl Fn() -> C,
+    observe: impl Fn(&mut C, &gridwatch::assemble::Window) -> usize,
+) {
+    let mut group = c.benchmark_group(name);
     let (cells, nodes) = (64, 8);
     let windows = plant_windows(cells, nodes);
-    let config = DivergenceConfig {
-        warmup: std::time::Duration::ZERO,
-        ..DivergenceConfig::default()
-    };
-    let channels = spec().channels.len();
     group.throughput(Throughput::Elements(windows.len() as u64));
     group.bench_function(
         BenchmarkId::new("windows", format!("{cells}x{nodes}")),
         |b| {
             b.iter(|| {
-                // One check sees every cell's windows (its baselines are keyed by node): the same
-                // work per window as one check per cell.
-                let mut check = Divergence::new(config.clone(), &vec![1.0; channels]);
-                let found: usize = windows.iter().map(|w| check.observe(w).len()).sum();
+                let mut check = new();
+                let found: usize = windows.iter().map(|w| observe(&mut check, w)).sum();
                 black_box(found)
             })
         },
@@ -290,25 +291,30 @@ fn divergence(c: &mut Criterion) {
     group.finish();
 }
 
+fn divergence(c: &mut Criterion) {
+    let config = DivergenceConfig {
+        warmup: std::time::Duration::ZERO,
+        ..DivergenceConfig::default()
+    };
+    let channels = spec().channels.len();
+    per_window_check(
+        c,
+        "divergence",
+        || Divergence::new(config.clone(), &vec![1.0; channels]),
+        |check, w| check.observe(w).len(),
+    );
+}
+
 /// The floor check's per-window work (off by default): every step of every node/channel judged
 /// against its slot and learnt.
 fn floor(c: &mut Criterion) {
-    let mut group = c.benchmark_group("floor");
-    let (cells, nodes) = (64, 8);
-    let windows = plant_windows(cells, nodes);
     let channels = spec().channels.len();
-    group.throughput(Throughput::Elements(windows.len() as u64));
-    group.bench_function(
-        BenchmarkId::new("windows", format!("{cells}x{nodes}")),
-        |b| {
-            b.iter(|| {
-                let mut check = Floors::new(FloorConfig::default(), channels);
-                let found: usize = windows.iter().map(|w| check.observe(w).len()).sum();
-                black_box(found)
-            })
-        },
+    per_window_check(
+        c,
+        "floor",
+        || Floors::new(FloorConfig::default(), channels),
+        |check, w| check.observe(w).len(),
     );
-    group.finish();
 }
 
 criterion_group!(benches, decode, assemble, divergence, floor);

@@ -160,10 +160,9 @@ impl Changelog {
         }
         let state = self.store.get(cell)?;
         let restored = judge.restore(state, wall_clock_ms());
-        telemetry::judge_state_restored(cell, "divergence baselines", &restored.divergence);
-        telemetry::judge_state_restored(cell, "SPOT thresholds", &restored.spot);
-        telemetry::judge_state_restored(cell, "time-of-day floors", &restored.floors);
-        telemetry::judge_state_restored(cell, "incidents", &restored.incidents);
+        for (part, result) in restored.parts() {
+            telemetry::judge_state_restored(cell, part, result);
+        }
         let close = judge.close_if_apart(cell, window.start_ms);
         if close.is_some() {
             tracing::debug!(cell = %cell, "Closed the incident taken over: its next window was not judged here.");
@@ -214,7 +213,7 @@ impl Changelog {
             return;
         }
         let cells: Vec<Arc<str>> = self.judged.drain().collect();
-        let task = self.write(judge, cells.clone());
+        let task = self.write(judge, &cells);
         self.periodic = Some((task, cells));
     }
 
@@ -223,7 +222,7 @@ impl Changelog {
     /// The returned task ends when all are acknowledged.
     pub fn write_final(&mut self, judge: &Judge) -> tokio::task::JoinHandle<()> {
         let cells = self.final_cells();
-        self.write(judge, cells)
+        self.write(judge, &cells)
     }
 
     fn final_cells(&mut self) -> Vec<Arc<str>> {
@@ -241,24 +240,24 @@ impl Changelog {
     pub fn write_cell(&mut self, judge: &Judge, cell: &Arc<str>) -> tokio::task::JoinHandle<()> {
         self.judged.remove(cell);
         self.known.remove(cell);
-        self.write(judge, vec![Arc::clone(cell)])
+        self.write(judge, std::slice::from_ref(cell))
     }
 
     /// Writes the records of `cells`: each cell's state, or a tombstone where the judge holds
     /// nothing of a cell the topic has a record of (an incident closed since, say), so that
     /// no later owner takes over what is over.
-    fn write(&self, judge: &Judge, cells: Vec<Arc<str>>) -> tokio::task::JoinHandle<()> {
+    fn write(&self, judge: &Judge, cells: &[Arc<str>]) -> tokio::task::JoinHandle<()> {
         let now = wall_clock_ms();
         let records: Vec<(Arc<str>, Option<Vec<u8>>)> = cells
-            .into_iter()
+            .iter()
             .filter_map(|cell| {
-                let settled = !self.unacknowledged.contains_key(&cell);
-                let state = judge.cell_state(&cell, now, settled).map(|s| encode(&s));
-                if state.is_none() && !self.store.holds(&cell) {
+                let settled = !self.unacknowledged.contains_key(cell);
+                let state = judge.cell_state(cell, now, settled).map(|s| encode(&s));
+                if state.is_none() && !self.store.holds(cell) {
                     return None;
                 }
-                self.store.put(&cell, state.as_deref());
-                Some((cell, state))
+                self.store.put(cell, state.as_deref());
+                Some((Arc::clone(cell), state))
             })
             .collect();
         let (sink, topic) = (Arc::clone(&self.sink), self.topic.clone());
@@ -411,7 +410,7 @@ mod tests {
         let status = judge_window(&mut judge, &mut changelog, &cell, 2, 2.0);
         assert_eq!(status, IncidentStatus::Open);
         changelog.transition_sent(&cell);
-        drop(changelog.write(&judge, vec![Arc::clone(&cell)]));
+        drop(changelog.write(&judge, std::slice::from_ref(&cell)));
         assert!(
             !changelog.store.holds("c"),
             "not while the OPEN is unacknowledged"
@@ -421,7 +420,7 @@ mod tests {
             changelog.judged.contains(&cell),
             "due again once acknowledged"
         );
-        drop(changelog.write(&judge, vec![Arc::clone(&cell)]));
+        drop(changelog.write(&judge, std::slice::from_ref(&cell)));
         let saved = changelog.store.get("c").unwrap();
         assert_eq!(saved.incidents.keys().collect::<Vec<_>>(), ["c"]);
 
@@ -432,7 +431,7 @@ mod tests {
             !judge.has_state("c"),
             "a cell judged here is not restored again: its record is behind"
         );
-        drop(changelog.write(&judge, vec![Arc::clone(&cell)]));
+        drop(changelog.write(&judge, std::slice::from_ref(&cell)));
         assert!(
             !changelog.store.holds("c"),
             "a tombstone: the incident is over"

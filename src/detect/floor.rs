@@ -190,10 +190,6 @@ impl Floors {
         }
     }
 
-    pub fn config(&self) -> &FloorConfig {
-        &self.config
-    }
-
     /// Whether no node/channel has slots.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()

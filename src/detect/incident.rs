@@ -165,11 +165,6 @@ struct OpenState {
 }
 
 impl IncidentState {
-    /// The end of the last window taken.
-    pub fn last_end_ms(&self) -> i64 {
-        self.last_end_ms
-    }
-
     /// The state after the first anomalous window of a streak.
     fn start(window_end_ms: i64, observation: Observation) -> Self {
         Self {
@@ -351,6 +346,11 @@ impl IncidentTracker {
             self.open_incidents -= 1;
         }
         self.open_incidents += opens;
+    }
+
+    /// The end of the last window `cell`'s pending or open incident took.
+    pub fn last_window_end(&self, cell: &str) -> Option<i64> {
+        Some(self.cells.get(cell)?.last_end_ms)
     }
 
     /// Whether `cell` has a pending or open incident.

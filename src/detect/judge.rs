@@ -103,6 +103,18 @@ pub struct Restored {
     pub floors: Result<usize, String>,
 }
 
+impl Restored {
+    /// Each part, named as logs and the `part` label of the restore counters name it.
+    pub fn parts(&self) -> [(&'static str, &Result<usize, String>); 4] {
+        [
+            ("divergence baselines", &self.divergence),
+            ("SPOT thresholds", &self.spot),
+            ("time-of-day floors", &self.floors),
+            ("incidents", &self.incidents),
+        ]
+    }
+}
+
 /// Thresholds per cell and incidents, for one model.
 pub struct Judge {
     detector: Detector,
@@ -479,7 +491,7 @@ impl Judge {
         cell: &Arc<str>,
         window_start_ms: i64,
     ) -> Option<AnomalyEvent> {
-        let last_end_ms = self.incidents.as_ref()?.state(cell)?.last_end_ms();
+        let last_end_ms = self.incidents.as_ref()?.last_window_end(cell)?;
         if window_start_ms <= last_end_ms {
             return None;
         }

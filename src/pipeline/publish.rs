@@ -170,10 +170,18 @@ pub(super) async fn publish_events(
             changelog.transition_sent(cell);
         }
     };
-    let acknowledged = |changelog: Option<&mut Changelog>, published: &Published| {
+    // An event came back: a failure stops the run; an acknowledgement releases its holds.
+    let settle = |changelog: Option<&mut Changelog>, published: Published| -> anyhow::Result<()> {
+        if let Err(error) = published.result {
+            failed.cancel();
+            return Err(error.into());
+        }
         if let (Some(changelog), Some(cell)) = (changelog, &published.incident_of) {
             changelog.transition_acknowledged(cell);
         }
+        telemetry::event_published(&stats, published.severity, published.latency);
+        release(&published.holds);
+        Ok(())
     };
     loop {
         tokio::select! {
@@ -226,25 +234,11 @@ pub(super) async fn publish_events(
                     changelog.write_due(&judge);
                 }
             }
-            Some(published) = in_flight.next() => {
-                if let Err(error) = published.result {
-                    failed.cancel();
-                    return Err(error.into());
-                }
-                acknowledged(changelog.as_mut(), &published);
-                telemetry::event_published(&stats, published.severity, published.latency);
-                release(&published.holds);
-            }
+            Some(published) = in_flight.next() => settle(changelog.as_mut(), published)?,
         }
     }
     while let Some(published) = in_flight.next().await {
-        if let Err(error) = published.result {
-            failed.cancel();
-            return Err(error.into());
-        }
-        acknowledged(changelog.as_mut(), &published);
-        telemetry::event_published(&stats, published.severity, published.latency);
-        release(&published.holds);
+        settle(changelog.as_mut(), published)?;
     }
     if let Some(mut changelog) = changelog {
         changelog.write_final(&judge).await?;
@@ -274,12 +268,7 @@ pub(super) fn restore_judge_state(judge: &mut Judge, path: &std::path::Path) {
         }
     };
     let restored = judge.restore(state, decode::wall_clock_ms());
-    for (part, result) in [
-        ("divergence baselines", restored.divergence),
-        ("SPOT thresholds", restored.spot),
-        ("time-of-day floors", restored.floors),
-        ("incidents", restored.incidents),
-    ] {
+    for (part, result) in restored.parts() {
         match result {
             Ok(0) => {}
             Ok(cells) => tracing::info!(path = %path.display(), cells, "Restored the {part}."),
