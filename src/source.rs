@@ -11,7 +11,8 @@
 //! So after a crash, the group resumes at or before the first reading whose effect has not been
 //! durably published, and every event is published at least once. `enable.auto.offset.store`
 //! is off: only [`OffsetLedger::committable`] decides what is stored; librdkafka's auto-commit
-//! then commits stored offsets periodically, and shutdown commits synchronously.
+//! then commits stored offsets periodically, and shutdown stores its final offsets and commits
+//! them synchronously.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -457,6 +457,19 @@ fn start(
     (running.stats, running.cancel, running.task)
 }
 
+/// Waits until the run has emitted `n` windows; fails after a minute.
+async fn windows_emitted(stats: &Stats, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while stats.snapshot().windows_emitted < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stalled: {:?}",
+            stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// A graceful stop while windows are in flight, then a restart of the same group from the
 /// committed offsets: every event of the reference is published, any duplicate is byte-identical,
 /// and nothing else is published.
@@ -500,7 +513,7 @@ async fn graceful_stop_and_restart_lose_nothing() {
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "second run stalled: {s:?}"
+            "second run stalled: {s:?}; {produced} produced, {committed} committed by the first run"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -532,6 +545,42 @@ async fn graceful_stop_and_restart_lose_nothing() {
         got_ids, want_ids,
         "every reference event, and nothing else ({duplicates} duplicates)"
     );
+    fixture.close();
+}
+
+/// The commit of a graceful stop is the group's last word: a periodic auto-commit of an older
+/// stored offset, sent while that commit waits for the broker, must not land after it and move
+/// the group back (the next run would do again what this one finished).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_commit_is_not_overtaken_by_an_older_one() {
+    let fixture = Fixture::new().await;
+    let config = config(&fixture.bootstrap);
+    fixture.produce_steps().await;
+    // Answers slower than the commit interval (100 ms): the job consumes slowly, its stored
+    // offsets run ahead of the last answered commit, and periodic commits go out while the final
+    // one is unanswered.
+    fixture
+        .cluster
+        .broker_round_trip_time(1, Duration::from_millis(150))
+        .unwrap();
+    let (stats, cancel, task) = start(&config);
+    windows_emitted(&stats, 2).await;
+    cancel.cancel();
+    let report = task.await.unwrap().unwrap();
+    fixture
+        .cluster
+        .broker_round_trip_time(1, Duration::ZERO)
+        .unwrap();
+    assert!(!report.committed.is_empty());
+    let on_broker = committed(&fixture.bootstrap, &config.source.group_id);
+    for (topic, partition, offset) in &report.committed {
+        assert_eq!(
+            on_broker.get(partition),
+            Some(offset),
+            "{topic} [{partition}]: the broker holds {on_broker:?}, the stop committed {:?}",
+            report.committed
+        );
+    }
     fixture.close();
 }
 

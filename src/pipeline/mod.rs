@@ -514,6 +514,10 @@ fn commit(
         tpl.add_partition_offset(topic, *partition, Offset::Offset(offset))?;
         report.committed.push((topic.clone(), *partition, offset));
     }
+    // Stored first, also before the synchronous commit: librdkafka's auto-commit sends the stored
+    // offset whenever it is past the last *acknowledged* commit, so a stale stored offset sent
+    // while the synchronous commit is in flight would land after it and move the group back.
+    let stored = consumer.store_offsets(&tpl);
     if sync {
         match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {}
@@ -526,7 +530,7 @@ fn commit(
             }
             Err(error) => return Err(error.into()),
         }
-    } else if let Err(error) = consumer.store_offsets(&tpl) {
+    } else if let Err(error) = stored {
         // A partition revoked a moment ago cannot be stored; the next owner resumes from the
         // last commit, which is never past what this instance finished.
         tracing::debug!(%error, "Could not store offsets.");
