@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -35,7 +35,7 @@ use crate::pipeline;
 use crate::registry::Registry;
 use crate::schema::{self, Codec, DeadLetterReason, Reading, RecordKind, WireFormat, records};
 use crate::sink::{DeadLetter, Sink};
-use crate::source::{OffsetLedger, SourceContext, SourcePartitions};
+use crate::source::{self, OffsetLedger, SourceContext, SourcePartitions};
 use crate::telemetry::{self, Health, Stats};
 
 /// Most deliveries awaited at once; the consumer waits when this many are pending.
@@ -203,11 +203,7 @@ impl Router {
             let (topic, partition) = self.partitions.pair(*id);
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
         }
-        if sync {
-            consumer.commit(&tpl, CommitMode::Sync)?;
-        } else if let Err(error) = consumer.store_offsets(&tpl) {
-            tracing::debug!(%error, "Could not store offsets.");
-        }
+        source::store_and_commit(consumer, &tpl, sync)?;
         telemetry::offsets_stored(&self.stats, committable.len());
         Ok(())
     }

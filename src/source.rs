@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, ClientContext, Statistics, TopicPartitionList};
 
@@ -216,6 +218,28 @@ pub fn consumer(
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky");
     Ok(client.create_with_context(SourceContext::new(health))?)
+}
+
+/// Stores `offsets` for librdkafka's auto-commit and, with `sync`, commits them now.
+///
+/// Stored first also before a synchronous commit: the auto-commit sends the stored offset
+/// whenever it is past the last *answered* commit, so an older stored offset sent while the
+/// synchronous commit awaits its answer would land after it and move the group back.
+pub fn store_and_commit(
+    consumer: &StreamConsumer<SourceContext>,
+    offsets: &TopicPartitionList,
+    sync: bool,
+) -> KafkaResult<()> {
+    let stored = consumer.store_offsets(offsets);
+    if sync {
+        return consumer.commit(offsets, CommitMode::Sync);
+    }
+    if let Err(error) = stored {
+        // A partition revoked a moment ago cannot be stored; the next owner resumes from the
+        // last commit, which is never past what this instance finished.
+        tracing::debug!(%error, "Could not store offsets.");
+    }
+    Ok(())
 }
 
 /// Dense ids for (topic, partition) pairs, so that per-partition state is keyed by one integer,

@@ -482,15 +482,7 @@ async fn graceful_stop_and_restart_lose_nothing() {
 
     // First run: stop as soon as the fault's windows are being scored.
     let (stats, cancel, task) = start(&config);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while stats.snapshot().windows_emitted < 30 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "first run stalled: {:?}",
-            stats.snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    windows_emitted(&stats, 30).await;
     cancel.cancel();
     let first = task.await.unwrap().unwrap();
     let s = stats.snapshot();
@@ -595,15 +587,7 @@ async fn a_missed_shutdown_deadline_is_an_error() {
     config.detect.threshold = Some(1e-12);
     fixture.produce_steps().await;
     let (stats, cancel, task) = start(&config);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while stats.snapshot().windows_emitted < 5 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "stalled: {:?}",
-            stats.snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    windows_emitted(&stats, 5).await;
     // The broker now answers after two seconds: acknowledgements cannot arrive in time.
     fixture
         .cluster

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -514,26 +514,16 @@ fn commit(
         tpl.add_partition_offset(topic, *partition, Offset::Offset(offset))?;
         report.committed.push((topic.clone(), *partition, offset));
     }
-    // Stored first, also before the synchronous commit: librdkafka's auto-commit sends the stored
-    // offset whenever it is past the last *acknowledged* commit, so a stale stored offset sent
-    // while the synchronous commit is in flight would land after it and move the group back.
-    let stored = consumer.store_offsets(&tpl);
-    if sync {
-        match consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => {}
-            // The group is rebalancing (another member left or joined as this one stops): the
-            // partitions' next owners resume from the last commit, never past what this
-            // instance finished, so what it did since is done again, not lost.
-            Err(error) if is_rebalance(&error) => {
-                tracing::warn!(%error, "The last commit was refused during a rebalance; the next owners resume from the commit before it.");
-                return Ok(RunReport::default());
-            }
-            Err(error) => return Err(error.into()),
+    match source::store_and_commit(consumer, &tpl, sync) {
+        Ok(()) => {}
+        // The group is rebalancing (another member left or joined as this one stops): the
+        // partitions' next owners resume from the last commit, never past what this instance
+        // finished, so what it did since is done again, not lost.
+        Err(error) if is_rebalance(&error) => {
+            tracing::warn!(%error, "The last commit was refused during a rebalance; the next owners resume from the commit before it.");
+            return Ok(RunReport::default());
         }
-    } else if let Err(error) = stored {
-        // A partition revoked a moment ago cannot be stored; the next owner resumes from the
-        // last commit, which is never past what this instance finished.
-        tracing::debug!(%error, "Could not store offsets.");
+        Err(error) => return Err(error.into()),
     }
     telemetry::offsets_stored(stats, report.committed.len());
     Ok(report)
