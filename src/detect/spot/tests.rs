@@ -257,6 +257,13 @@ fn non_finite_scores_are_skipped() {
             assert!(!threshold.is_nan());
         }
     }
+    // Nor leave a value JSON cannot hold (serde_json writes NaN and ±∞ as null, which does not
+    // read back as a number): the state file and the changelog records keep the tails.
+    for kept in [&spot, &dspot] {
+        let json = serde_json::to_string(kept).unwrap();
+        let back: Spot = serde_json::from_str(&json).expect("the state reads back");
+        assert_eq!(back.threshold().to_bits(), kept.threshold().to_bits());
+    }
 }
 
 #[test]
