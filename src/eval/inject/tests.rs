@@ -1,3 +1,4 @@
+use super::plan::drift_bias;
 use super::*;
 
 const N: usize = 40;
