@@ -350,9 +350,10 @@ impl Judge {
 
     /// Takes over a saved state at `now_ms` (wall clock), each part where it fits: the
     /// divergence baselines, which need the check on, the same model channels and a state no
-    /// older than the check's memory; the SPOT states, which need the same model file and the
-    /// same `[detect.spot]` settings; the incidents, which need incidents on and the same
-    /// model file (their scores and ids are that model's).
+    /// older than the check's memory; the SPOT states, which need the same model file (or a
+    /// re-export of it, [`Detector::fits_file`]) and the same `[detect.spot]` settings; the
+    /// incidents, which need incidents on and the same model file (their scores and ids are
+    /// that model's).
     pub fn restore(&mut self, state: JudgeState, now_ms: i64) -> Restored {
         let spot = self.restore_spot(&state.model_hash, state.spot);
         let incidents = self.restore_incidents(&state.model_hash, state.incidents);
@@ -407,7 +408,7 @@ impl Judge {
         let Some(tracker) = self.incidents.as_mut() else {
             return Err("[detect.incidents] is off".into());
         };
-        if model_hash != self.detector.model_hash {
+        if !self.detector.fits_file(model_hash) {
             return Err("the incidents were opened by another model".into());
         }
         let restored = cells.len();
@@ -428,7 +429,7 @@ impl Judge {
         if self.config.threshold_policy != ThresholdPolicy::Spot {
             return Err("threshold_policy is not \"spot\" any more".into());
         }
-        if model_hash != self.detector.model_hash {
+        if !self.detector.fits_file(model_hash) {
             return Err("the SPOT thresholds were fitted to another model".into());
         }
         let config = &self.config.spot;

@@ -115,6 +115,8 @@ pub struct Detector {
     model_name: String,
     model_version: String,
     model_hash: String,
+    /// Hashes of earlier files of the same model (re-exports with identical outputs).
+    earlier_hashes: Vec<String>,
     channels: Vec<String>,
     /// Per channel: whether it counts towards the score and the contributors.
     scored_channels: Vec<bool>,
@@ -138,6 +140,7 @@ impl Detector {
             model_name: contract.name.clone(),
             model_version: contract.version.clone(),
             model_hash: contract.onnx_sha256.clone(),
+            earlier_hashes: contract.earlier_hashes(),
             channels: contract.channels.iter().map(|c| c.name.clone()).collect(),
             scored_channels: contract
                 .channels
@@ -202,11 +205,19 @@ impl Detector {
         }
     }
 
-    /// Whether this detector was built for `contract` (same name, version and file hash).
+    /// Whether this detector was built for `contract`: same name and version, and the same
+    /// file or a re-export of it (the one lists the other's hash among its earlier ones).
     pub fn is_for(&self, contract: &ModelContract) -> bool {
         self.model_name == contract.name
             && self.model_version == contract.version
-            && self.model_hash == contract.onnx_sha256
+            && (self.fits_file(&contract.onnx_sha256)
+                || contract.earlier_hashes().contains(&self.model_hash))
+    }
+
+    /// Whether scores of the model file with sha256 `hash` are this detector's scores: its own
+    /// file, or an earlier export of the same weights that its contract names.
+    pub fn fits_file(&self, hash: &str) -> bool {
+        self.model_hash == hash || self.earlier_hashes.iter().any(|h| h == hash)
     }
 
     /// The contract's score of `window` given the model's `reconstruction` of it.

@@ -129,6 +129,19 @@ impl ModelContract {
         Ok((contract, onnx))
     }
 
+    /// The sha256 of the earlier files of this model that `scripts/reexport_model.py` replaced
+    /// with the same weights and the same outputs (`training.reexports[].from_sha256`): state
+    /// saved under one of them fits this file too.
+    pub fn earlier_hashes(&self) -> Vec<String> {
+        let Some(reexports) = self.training.get("reexports").and_then(|r| r.as_array()) else {
+            return Vec::new();
+        };
+        reexports
+            .iter()
+            .filter_map(|r| r.get("from_sha256")?.as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// Internal consistency: shapes agree with the window geometry and channel list.
     pub fn check(&self) -> Result<(), String> {
         let t = self.window_steps as i64;

@@ -282,6 +282,41 @@ fn a_saved_spot_threshold_is_taken_over_by_the_same_model_only() {
 }
 
 #[test]
+fn a_saved_spot_threshold_is_taken_over_by_a_re_export_of_its_model() {
+    let config = spot_config();
+    let mut judge = Judge::new(detector(), &config);
+    judge_scores(&mut judge, &spread_scores());
+    let fitted = judge.threshold_of("c");
+    let state = judge.state(0);
+
+    // The same weights re-exported: a new file hash, the old one among the earlier hashes.
+    let reexported = |earlier: &str| {
+        let mut contract =
+            crate::detect::test_support::contract("1", (2, 1, 1), &["a"], vec![1.0], 2.0);
+        contract.onnx_sha256 = "re-exported file".into();
+        contract.training = serde_json::json!({
+            "reexports": [{ "from_sha256": earlier, "max_abs_diff": 0.0 }]
+        });
+        contract
+    };
+    let contract = reexported(&state.model_hash);
+    let mut restored = Judge::new(Detector::new(&contract, &config), &config);
+    assert_eq!(restored.restore(state.clone(), 0).spot, Ok(1));
+    assert_eq!(restored.threshold_of("c"), fitted);
+    assert!(
+        detector().is_for(&contract),
+        "a hot reload onto the re-export keeps the judge"
+    );
+
+    // A contract whose earlier hashes name another file: refused as before.
+    let contract = reexported("yet another file");
+    let mut other = Judge::new(Detector::new(&contract, &config), &config);
+    let refused = other.restore(state, 0).spot;
+    assert!(refused.unwrap_err().contains("another model"));
+    assert!(!detector().is_for(&contract));
+}
+
+#[test]
 fn a_forgotten_cell_starts_over() {
     let config = DetectConfig {
         incidents: Some(crate::detect::incident::IncidentConfig {
