@@ -1,13 +1,15 @@
 //! Every model in `models/` against its contract, through the real ONNX Runtime.
 //!
-//! The fixtures are written by `scripts/train_model.py`: `NAME.onnx`, its contract `NAME.json`,
-//! and `NAME.golden.json`, a small batch (two windows of up to three nodes, one padded node,
-//! missing entries, one planted anomaly) with ONNX Runtime's output and the scores computed in
-//! Python by the contract's formula. Here the same inputs go through gridwatch's own batching
-//! (one model call per node count, so without the padded node), session and scoring, which
+//! The fixtures are written by `scripts/train_model.py` (the LSTM ones by
+//! `scripts/train_lstm_ae.py`; attention graphs rebuilt from their weights by
+//! `scripts/reexport_model.py`, recorded in the contract's `training.reexports`): `NAME.onnx`, its
+//! contract `NAME.json`, and `NAME.golden.json`, a small batch (two windows of up to three nodes,
+//! one padded node, missing entries, one planted anomaly) with ONNX Runtime's output and the scores
+//! computed in Python by the contract's formula. Here the same inputs go through gridwatch's own
+//! batching (one model call per node count, so without the padded node), session and scoring, which
 //! must agree within the file's tolerance. The windows are built from the golden file's raw
-//! (physical) values, as the assembler builds them, so gridwatch's own normalisation is
-//! checked too.
+//! (physical) values, as the assembler builds them, so gridwatch's own normalisation is checked
+//! too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
