@@ -433,8 +433,8 @@ def build_onnx(p, producer: str, graph_name: str = "plant_attention"):
     def linear(x, q, pname):
         """x @ w + b over the last axis, as one Gemm on the [rows, fan_in] view of x: ONNX
         Runtime adds the bias inside a 2-D Gemm, while on the trunk's 4-D tensors MatMul + Add
-        is two passes (about 20 % of the CPU time; docs/performance.md). Same result, bit for
-        bit, on CPU."""
+        is two passes (about 20 % of the CPU time; docs/performance.md). Same result as MatMul +
+        Add, bit for bit, with ONNX Runtime 1.31.1 on CPU."""
         w = param(q["w"], pname + ".weight")
         b = param(q["b"], pname + ".bias")
         fan_in, fan_out = np.shape(q["w"])
