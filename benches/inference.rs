@@ -2,7 +2,8 @@
 //! nodes), reported as node-windows per second; and of a batch of 64 windows of cells of 1 to 8
 //! nodes (`mixed-node-windows`, counting each window's real nodes), as a city's cells are.
 //! `GRIDWATCH_EXECUTION_PROVIDER=cuda` (with the `cuda` feature) runs it on the GPU;
-//! scripts/gpu-bench.sh does that on a GPU machine.
+//! scripts/gpu-bench.sh does that on a GPU machine (`GRIDWATCH_BENCH_ROOT` names the tree whose
+//! `models/` it reads, when that is not the one it was built in).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -38,7 +39,13 @@ fn inference(c: &mut Criterion) {
     if std::env::var("GRIDWATCH_EXECUTION_PROVIDER").as_deref() == Ok("cuda") {
         config.execution_provider = ExecutionProvider::Cuda;
     }
-    let contract = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&config.contract);
+    // `GRIDWATCH_BENCH_ROOT`: where `models/` is when the binary runs outside the tree it was
+    // built in (scripts/gpu-bench.sh run).
+    let root = std::env::var_os("GRIDWATCH_BENCH_ROOT").map_or_else(
+        || env!("CARGO_MANIFEST_DIR").into(),
+        std::path::PathBuf::from,
+    );
+    let contract = root.join(&config.contract);
     let mut model = Model::load(&contract, &config).expect("the default model loads");
     let (t, f) = (model.contract.window_steps, model.contract.channels.len());
     let mut group = c.benchmark_group(format!("inference/{}", model.provider));
