@@ -48,6 +48,27 @@ pub(super) fn drift_bias(t: usize, bias: f64, ramp_rows: usize) -> f64 {
     bias * ((t as f64 + 1.0) / ramp_rows.max(1) as f64).min(1.0)
 }
 
+/// A fault that holds column `node` at `value` for `duration` rows from `start` (stuck, dropout).
+fn held(
+    kind: FaultKind,
+    node: usize,
+    start: usize,
+    duration: usize,
+    value: f64,
+    params: FaultParams,
+) -> Plan {
+    Plan {
+        kind,
+        nodes: vec![node],
+        start_row: start,
+        end_row: start + duration,
+        params,
+        writes: (start..start + duration)
+            .map(|r| (r, node, value))
+            .collect(),
+    }
+}
+
 /// Clamps without `f64::clamp`'s panic on a bad range.
 fn clamp(x: f64, [lo, hi]: [f64; 2]) -> f64 {
     x.max(lo).min(hi)
@@ -227,16 +248,8 @@ impl<'a> Planner<'a> {
         let duration = self.draw_rows(self.config.stuck.duration_rows);
         let (node, start) = self.single(duration)?;
         let value = self.value(start, node);
-        Some(Plan {
-            kind: FaultKind::Stuck,
-            nodes: vec![node],
-            start_row: start,
-            end_row: start + duration,
-            params: FaultParams::Stuck { value },
-            writes: (start..start + duration)
-                .map(|r| (r, node, value))
-                .collect(),
-        })
+        let params = FaultParams::Stuck { value };
+        Some(held(FaultKind::Stuck, node, start, duration, value, params))
     }
 
     fn try_dropout(&mut self) -> Option<Plan> {
@@ -244,16 +257,15 @@ impl<'a> Planner<'a> {
         let (node, start) = self.single(duration)?;
         let blank = self.config.dropout.blank;
         let value = if blank { f64::NAN } else { 0.0 };
-        Some(Plan {
-            kind: FaultKind::Dropout,
-            nodes: vec![node],
-            start_row: start,
-            end_row: start + duration,
-            params: FaultParams::Dropout { blank },
-            writes: (start..start + duration)
-                .map(|r| (r, node, value))
-                .collect(),
-        })
+        let params = FaultParams::Dropout { blank };
+        Some(held(
+            FaultKind::Dropout,
+            node,
+            start,
+            duration,
+            value,
+            params,
+        ))
     }
 
     fn try_drift(&mut self) -> Option<Plan> {
