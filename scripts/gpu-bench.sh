@@ -21,16 +21,23 @@ cd "$root"
 ORT_VERSION="$(sed -n 's/^ORT_VERSION="\(.*\)"/\1/p' scripts/setup-python.sh)"
 pack="$root/.gpu-pack"
 part_size="56m"
-bench_args=(--bench --warm-up-time 2 --measurement-time 5)
+criterion_args=(--warm-up-time 2 --measurement-time 5)
 
 # Puts the lib folders of python3's nvidia-* packages (CUDA runtime, cuBLAS, cuDNN, ...) on
 # LD_LIBRARY_PATH, for ONNX Runtime's CUDA provider to find.
 cuda_libraries_from() {
   local site="$1" lib
-  for lib in "$site"/nvidia/*/lib "$site"/nvidia/cu13/lib; do
+  for lib in "$site"/nvidia/*/lib; do
     [ -d "$lib" ] && LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   done
   export LD_LIBRARY_PATH
+}
+
+# Runs the inference bench command "$@" on the GPU, then on the same machine's CPU.
+gpu_then_cpu() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+  GRIDWATCH_EXECUTION_PROVIDER=cuda "$@"
+  "$@"
 }
 
 case "${1:-}" in
@@ -45,11 +52,7 @@ case "${1:-}" in
     export ORT_DYLIB_PATH="$(ls "$site"/onnxruntime/capi/libonnxruntime.so.* | head -n 1)"
     LD_LIBRARY_PATH="$site/onnxruntime/capi${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     cuda_libraries_from "$site"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-    GRIDWATCH_EXECUTION_PROVIDER=cuda cargo bench --locked --features cuda --bench inference -- \
-      --warm-up-time 2 --measurement-time 5
-    # For comparison on the same machine's CPU:
-    cargo bench --locked --bench inference -- --warm-up-time 2 --measurement-time 5
+    gpu_then_cpu cargo bench --locked --features cuda --bench inference -- "${criterion_args[@]}"
     ;;
   pack)
     rm -rf "$pack"
@@ -91,10 +94,7 @@ for line in sys.stdin:
     site="$(python3 -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null || true)"
     [ -n "$site" ] && cuda_libraries_from "$site"
     export GRIDWATCH_BENCH_ROOT="$root"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-    GRIDWATCH_EXECUTION_PROVIDER=cuda "$pack/base/inference" "${bench_args[@]}"
-    # For comparison on the same machine's CPU:
-    "$pack/base/inference" "${bench_args[@]}"
+    gpu_then_cpu "$pack/base/inference" --bench "${criterion_args[@]}"
     ;;
   -h|--help)
     sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'

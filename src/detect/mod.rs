@@ -140,7 +140,7 @@ impl Detector {
             model_name: contract.name.clone(),
             model_version: contract.version.clone(),
             model_hash: contract.onnx_sha256.clone(),
-            earlier_hashes: contract.earlier_hashes(),
+            earlier_hashes: contract.earlier_hashes().map(str::to_owned).collect(),
             channels: contract.channels.iter().map(|c| c.name.clone()).collect(),
             scored_channels: contract
                 .channels
@@ -211,7 +211,7 @@ impl Detector {
         self.model_name == contract.name
             && self.model_version == contract.version
             && (self.fits_file(&contract.onnx_sha256)
-                || contract.earlier_hashes().contains(&self.model_hash))
+                || contract.earlier_hashes().any(|h| h == self.model_hash))
     }
 
     /// Whether scores of the model file with sha256 `hash` are this detector's scores: its own

@@ -132,14 +132,13 @@ impl ModelContract {
     /// The sha256 of the earlier files of this model that `scripts/reexport_model.py` replaced
     /// with the same weights and the same outputs (`training.reexports[].from_sha256`): state
     /// saved under one of them fits this file too.
-    pub fn earlier_hashes(&self) -> Vec<String> {
-        let Some(reexports) = self.training.get("reexports").and_then(|r| r.as_array()) else {
-            return Vec::new();
-        };
-        reexports
-            .iter()
-            .filter_map(|r| r.get("from_sha256")?.as_str().map(str::to_owned))
-            .collect()
+    pub fn earlier_hashes(&self) -> impl Iterator<Item = &str> {
+        self.training
+            .get("reexports")
+            .and_then(|r| r.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.get("from_sha256")?.as_str())
     }
 
     /// Internal consistency: shapes agree with the window geometry and channel list.

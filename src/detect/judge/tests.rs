@@ -49,13 +49,20 @@ fn usual_z(end_s: i64) -> f32 {
     12.0 + (end_s % 3) as f32 * 0.1
 }
 
-#[test]
-fn a_new_model_keeps_the_divergence_baselines() {
-    let config = divergence_config();
-    let mut judge = Judge::new(three_node_detector("1", &config), &config);
+/// A judge of model "1" under `config` after 198 windows of three nodes with z where it
+/// usually is.
+fn judged_usual(config: &DetectConfig) -> Judge {
+    let mut judge = Judge::new(three_node_detector("1", config), config);
     for end_s in 2..200 {
         judge.judge(&three_nodes(end_s, usual_z(end_s)), &[0.0; 6]);
     }
+    judge
+}
+
+#[test]
+fn a_new_model_keeps_the_divergence_baselines() {
+    let config = divergence_config();
+    let judge = judged_usual(&config);
     // Right after the swap the new model's judge still knows where z usually is.
     let mut judge = judge.for_model(three_node_detector("2", &config));
     assert!(judge.judge(&three_nodes(200, 30.0), &[0.0; 6]).anomalous);
@@ -174,10 +181,7 @@ fn a_cell_state_holds_that_cell_alone_and_restores_it() {
 #[test]
 fn a_saved_state_restores_the_baselines_and_refuses_what_does_not_fit() {
     let config = divergence_config();
-    let mut judge = Judge::new(three_node_detector("1", &config), &config);
-    for end_s in 2..200 {
-        judge.judge(&three_nodes(end_s, usual_z(end_s)), &[0.0; 6]);
-    }
+    let judge = judged_usual(&config);
     let saved_at_ms = 1_000_000;
     let json = serde_json::to_string(&judge.state(saved_at_ms)).unwrap();
     let state: JudgeState = serde_json::from_str(&json).unwrap();
@@ -325,10 +329,7 @@ fn a_forgotten_cell_starts_over() {
         }),
         ..divergence_config()
     };
-    let mut judge = Judge::new(three_node_detector("1", &config), &config);
-    for end_s in 2..200 {
-        judge.judge(&three_nodes(end_s, usual_z(end_s)), &[0.0; 6]);
-    }
+    let mut judge = judged_usual(&config);
     let opened = judge.judge(&three_nodes(200, 30.0), &[0.0; 6]).event;
     assert!(
         opened.and_then(|e| e.incident).is_some(),

@@ -34,19 +34,29 @@ fn fixture(n: usize, rows: usize) -> (Series, Vec<f64>) {
     )
 }
 
-fn config(seed: u64) -> InjectConfig {
+/// The default configuration over `rows`, asking for `[incident, stuck, spike, drift, dropout]`
+/// faults.
+fn only(rows: std::ops::Range<usize>, counts: [usize; 5]) -> InjectConfig {
     let mut c = InjectConfig {
-        seed,
-        from_row: 50,
-        to_row: 450,
+        from_row: rows.start,
+        to_row: rows.end,
         ..InjectConfig::default()
     };
-    c.incident.count = 4;
-    c.stuck.count = 4;
-    c.spike.count = 6;
-    c.dropout.count = 4;
-    c.drift.count = 3;
+    [
+        c.incident.count,
+        c.stuck.count,
+        c.spike.count,
+        c.drift.count,
+        c.dropout.count,
+    ] = counts;
     c
+}
+
+fn config(seed: u64) -> InjectConfig {
+    InjectConfig {
+        seed,
+        ..only(50..450, [4, 4, 6, 3, 4])
+    }
 }
 
 fn run(seed: u64) -> (Series, Series, Vec<f64>, Vec<InjectedFault>) {
@@ -276,15 +286,7 @@ fn each_kind_writes_what_it_says() {
 fn blank_dropouts_write_nan() {
     let (orig, adj) = fixture(5, 100);
     let mut series = orig.clone();
-    let mut c = InjectConfig::default();
-    (c.from_row, c.to_row) = (0, 100);
-    (
-        c.incident.count,
-        c.stuck.count,
-        c.spike.count,
-        c.drift.count,
-    ) = (0, 0, 0, 0);
-    c.dropout.count = 2;
+    let mut c = only(0..100, [0, 0, 0, 0, 2]);
     c.dropout.blank = true;
     let faults = inject(&mut series, &adj, &c).expect("inject");
     assert_eq!(faults.len(), 2);
@@ -303,15 +305,7 @@ fn blank_cells_are_never_faulted() {
             orig.values[r * 6 + j] = f64::NAN;
         }
     }
-    let mut c = InjectConfig::default();
-    (c.from_row, c.to_row) = (0, 200);
-    (
-        c.incident.count,
-        c.stuck.count,
-        c.spike.count,
-        c.drift.count,
-    ) = (0, 2, 3, 1);
-    c.dropout.count = 2;
+    let mut c = only(0..200, [0, 2, 3, 1, 2]);
     c.gap_rows = 2;
     let mut series = orig.clone();
     let faults = inject(&mut series, &adj, &c).expect("inject");
