@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Inference throughput of the default model on an NVIDIA GPU through ONNX Runtime's CUDA
-# execution provider, per batch size (1, 8, 64, 256, 1024 windows of 8 nodes), as node-windows/s,
-# then the same on the machine's CPU for comparison. It prints criterion's table, which goes into
+# execution provider, per batch size (1 to 16384 windows of 8 nodes; GPU_BATCHES overrides), as
+# node-windows/s, through gridwatch's own model call and through I/O binding (pinned host
+# buffers, GPU-resident data, CUDA graphs); then gridwatch's model call on the machine's CPU
+# (1 to 1024 windows) for comparison. It prints criterion's table, which goes into
 # docs/performance.md. Needs a CUDA 13 capable driver.
 #
 #   scripts/gpu-bench.sh            on a GPU machine with network and Rust: installs
@@ -22,6 +24,7 @@ ORT_VERSION="$(sed -n 's/^ORT_VERSION="\(.*\)"/\1/p' scripts/setup-python.sh)"
 pack="$root/.gpu-pack"
 part_size="56m"
 criterion_args=(--warm-up-time 2 --measurement-time 5)
+gpu_batches="${GPU_BATCHES:-1,8,64,256,1024,4096,16384}"
 
 # Puts the lib folders of python3's nvidia-* packages (CUDA runtime, cuBLAS, cuDNN, ...) on
 # LD_LIBRARY_PATH, for ONNX Runtime's CUDA provider to find.
@@ -36,7 +39,7 @@ cuda_libraries_from() {
 # Runs the inference bench command "$@" on the GPU, then on the same machine's CPU.
 gpu_then_cpu() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-  GRIDWATCH_EXECUTION_PROVIDER=cuda "$@"
+  GRIDWATCH_EXECUTION_PROVIDER=cuda GRIDWATCH_BENCH_BATCHES="$gpu_batches" "$@"
   "$@"
 }
 
@@ -97,7 +100,7 @@ for line in sys.stdin:
     gpu_then_cpu "$pack/base/inference" --bench "${criterion_args[@]}"
     ;;
   -h|--help)
-    sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     ;;
   *)
     echo "gpu-bench.sh: unknown argument: $1 (see --help)" >&2
