@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::TensorRef;
+use ort::value::{Tensor, TensorRef};
 use tokio::sync::mpsc;
 
 use crate::assemble::Window;
@@ -121,6 +122,10 @@ pub struct Model {
     /// `cpu` or `cuda`: the execution provider actually in use.
     pub provider: &'static str,
     session: Session,
+    /// Where each call's `values` and `mask` are written: ONNX Runtime's pinned host memory when
+    /// the session runs on the GPU (copied to it without staging through pageable memory),
+    /// its CPU allocator otherwise.
+    input_memory: Allocator,
 }
 
 impl Model {
@@ -136,6 +141,7 @@ impl Model {
         let session = builder
             .commit_from_file(&onnx_path)
             .map_err(runtime_error)?;
+        let input_memory = input_memory(&session, provider)?;
         let normalisation = contract
             .channels
             .iter()
@@ -147,6 +153,7 @@ impl Model {
             onnx_path,
             provider,
             session,
+            input_memory,
         };
         model
             .check_session()
@@ -236,25 +243,19 @@ impl Model {
         let f = self.contract.channels.len();
         let b = windows.len();
         let size = t * n * f;
-        let mut values = vec![0.0f32; b * size];
-        let mut mask = vec![0.0f32; b * size];
-        for (wi, w) in windows.iter().enumerate() {
-            debug_assert_eq!(w.values.len(), size);
-            let dst = wi * size;
-            for i in 0..size {
-                let observed = w.mask[i];
-                mask[dst + i] = observed;
-                if observed > 0.0 {
-                    let (mean, std) = self.normalisation[i % f];
-                    values[dst + i] = (w.values[i] - mean) / std;
-                }
-            }
-        }
-        let node_mask = vec![1.0f32; b * n];
         let shape4 = [b, t, n, f];
+        let mut values = Tensor::<f32>::new(&self.input_memory, shape4).map_err(runtime_error)?;
+        let mut mask = Tensor::<f32>::new(&self.input_memory, shape4).map_err(runtime_error)?;
+        standardise(
+            windows,
+            &self.normalisation,
+            values.extract_tensor_mut().1,
+            mask.extract_tensor_mut().1,
+        );
+        let node_mask = vec![1.0f32; b * n];
         let inputs = ort::inputs![
-            "values" => TensorRef::from_array_view((shape4, values.as_slice())).map_err(runtime_error)?,
-            "mask" => TensorRef::from_array_view((shape4, mask.as_slice())).map_err(runtime_error)?,
+            "values" => &values,
+            "mask" => &mask,
             "node_mask" => TensorRef::from_array_view(([b, n], node_mask.as_slice())).map_err(runtime_error)?,
         ];
         let outputs = self.session.run(inputs).map_err(runtime_error)?;
@@ -269,6 +270,56 @@ impl Model {
         }
         Ok(data.chunks(size).map(<[f32]>::to_vec).collect())
     }
+}
+
+/// Writes `windows` (each `values.len() / windows.len()` long) into a model call's inputs: values
+/// standardised with the per-channel `(mean, std)` of `normalisation` (0 where unobserved), and
+/// the mask as it is.
+fn standardise(
+    windows: &[&Window],
+    normalisation: &[(f32, f32)],
+    values: &mut [f32],
+    mask: &mut [f32],
+) {
+    let f = normalisation.len();
+    let size = values.len() / windows.len().max(1);
+    let slots = values
+        .chunks_exact_mut(size)
+        .zip(mask.chunks_exact_mut(size));
+    for (w, (values, mask)) in windows.iter().zip(slots) {
+        mask.copy_from_slice(&w.mask);
+        // One reading's `f` channels at a time, so that each finds its statistics without a
+        // division of the element index.
+        let readings = w.values.chunks_exact(f).zip(w.mask.chunks_exact(f));
+        for (out, (readings, observed)) in values.chunks_exact_mut(f).zip(readings) {
+            for (out, ((&value, &observed), &(mean, std))) in out
+                .iter_mut()
+                .zip(readings.iter().zip(observed).zip(normalisation))
+            {
+                *out = if observed > 0.0 {
+                    (value - mean) / std
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// The allocator of a model call's inputs: pinned host memory for the CUDA execution provider
+/// (which the GPU reads without a staging copy), else ONNX Runtime's CPU allocator.
+fn input_memory(session: &Session, provider: &str) -> Result<Allocator, InferError> {
+    if provider != "cuda" {
+        return Ok(Allocator::default());
+    }
+    let pinned = MemoryInfo::new(
+        AllocationDevice::CUDA_PINNED,
+        0,
+        AllocatorType::Device,
+        MemoryType::CPUInput,
+    )
+    .map_err(runtime_error)?;
+    Allocator::new(session, pinned).map_err(runtime_error)
 }
 
 #[cfg(feature = "cuda")]
@@ -474,5 +525,37 @@ pub async fn watch(
                 crate::telemetry::model_reload(false, &path.display().to_string(), Some(&error))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(values: Vec<f32>, mask: Vec<f32>) -> Window {
+        Window {
+            cell: Arc::from("c"),
+            start_ms: 0,
+            end_ms: 1,
+            nodes: vec![Arc::from("a"), Arc::from("b")],
+            values,
+            mask,
+            missing_fraction: 0.0,
+            holds: vec![],
+            closed_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn inputs_standardise_each_channel_and_zero_what_was_not_observed() {
+        // Two windows of one step, two nodes, two channels (means 10 and 100, stds 2 and 5); an
+        // unobserved entry counts as 0 whatever its value.
+        let normalisation = [(10.0, 2.0), (100.0, 5.0)];
+        let first = window(vec![12.0, 110.0, 8.0, 7.0], vec![1.0, 1.0, 1.0, 0.0]);
+        let second = window(vec![10.0, 95.0, 14.0, 100.0], vec![1.0, 1.0, 1.0, 1.0]);
+        let (mut values, mut mask) = (vec![f32::NAN; 8], vec![f32::NAN; 8]);
+        standardise(&[&first, &second], &normalisation, &mut values, &mut mask);
+        assert_eq!(values, [1.0, 2.0, -1.0, 0.0, 0.0, -1.0, 2.0, 0.0]);
+        assert_eq!(mask, [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
     }
 }
