@@ -121,11 +121,11 @@ pub struct Model {
     pub onnx_path: PathBuf,
     /// `cpu` or `cuda`: the execution provider actually in use.
     pub provider: &'static str,
-    session: Session,
     /// Where each call's `values` and `mask` are written: ONNX Runtime's pinned host memory when
     /// the session runs on the GPU (copied to it without staging through pageable memory),
-    /// its CPU allocator otherwise.
+    /// its CPU allocator otherwise. Declared before `session`, so that it is dropped first.
     input_memory: Allocator,
+    session: Session,
 }
 
 impl Model {
@@ -152,8 +152,8 @@ impl Model {
             normalisation,
             onnx_path,
             provider,
-            session,
             input_memory,
+            session,
         };
         model
             .check_session()
