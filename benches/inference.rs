@@ -42,7 +42,8 @@ fn window(i: usize, nodes: usize, t: usize, f: usize) -> Window {
 
 fn inference(c: &mut Criterion) {
     let mut config = ModelConfig::default();
-    if std::env::var("GRIDWATCH_EXECUTION_PROVIDER").as_deref() == Ok("cuda") {
+    let cuda = std::env::var("GRIDWATCH_EXECUTION_PROVIDER").as_deref() == Ok("cuda");
+    if cuda {
         config.execution_provider = ExecutionProvider::Cuda;
     }
     // `GRIDWATCH_BENCH_ROOT`: where `models/` is when the binary runs outside the tree it was
@@ -53,6 +54,11 @@ fn inference(c: &mut Criterion) {
     );
     let contract = root.join(&config.contract);
     let mut model = Model::load(&contract, &config).expect("the default model loads");
+    // A GPU run that fell back to the CPU would measure the CPU at the GPU's batch sizes.
+    assert!(
+        !cuda || model.provider == "cuda",
+        "GRIDWATCH_EXECUTION_PROVIDER=cuda, but ONNX Runtime's CUDA execution provider is not usable here (no GPU, a CPU build of ONNX Runtime, or CUDA 13 libraries missing)"
+    );
     let (t, f) = (model.contract.window_steps, model.contract.channels.len());
     let batches = batch_sizes();
     let mut group = c.benchmark_group(format!("inference/{}", model.provider));

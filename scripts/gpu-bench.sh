@@ -3,18 +3,20 @@
 # execution provider, per batch size (1 to 16384 windows of 8 nodes; GPU_BATCHES overrides), as
 # node-windows/s, through gridwatch's own model call and through I/O binding (pinned host
 # buffers, GPU-resident data, CUDA graphs); then gridwatch's model call on the machine's CPU
-# (1 to 1024 windows) for comparison. It prints criterion's table, which goes into
-# docs/performance.md. Needs a CUDA 13 capable driver.
+# (1 to 1024 windows) for comparison; then `gridwatch bench` end to end with inference on the
+# GPU (max_batch 1024, --repeat 3). The tables go into docs/performance.md. Needs a CUDA 13
+# capable driver.
 #
 #   scripts/gpu-bench.sh            on a GPU machine with network and Rust: installs
 #                                   onnxruntime-gpu into .venv-gpu, builds with --features cuda,
-#                                   runs benches/inference.rs on the GPU
+#                                   runs benches/inference.rs and gridwatch bench on the GPU
 #   scripts/gpu-bench.sh pack       on a machine with network and Rust, for a GPU machine with
-#                                   neither: writes .gpu-pack/ (the built bench, ONNX Runtime's
-#                                   GPU libraries, the CUDA provider in parts of 56 MiB) and
-#                                   prints what to copy over, part by part
+#                                   neither: writes .gpu-pack/ (the built bench and gridwatch,
+#                                   ONNX Runtime's GPU libraries, the CUDA provider in parts of
+#                                   56 MiB) and prints what to copy over, part by part; leaves
+#                                   a --features cuda build in target/release
 #   scripts/gpu-bench.sh run        on the GPU machine, in a copy of this tree holding
-#                                   .gpu-pack/: joins the parts and runs the packed bench; the
+#                                   .gpu-pack/: joins the parts and runs the packed benches; the
 #                                   CUDA 13 runtime, cuBLAS and cuDNN come from python3's nvidia-*
 #                                   packages there (or from LD_LIBRARY_PATH)
 set -euo pipefail
@@ -38,9 +40,17 @@ cuda_libraries_from() {
 
 # Runs the inference bench command "$@" on the GPU, then on the same machine's CPU.
 gpu_then_cpu() {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv \
+    || { echo "gpu-bench.sh: no NVIDIA GPU answers (nvidia-smi failed)" >&2; exit 1; }
   GRIDWATCH_EXECUTION_PROVIDER=cuda GRIDWATCH_BENCH_BATCHES="$gpu_batches" "$@"
   "$@"
+}
+
+# Runs `gridwatch bench` (the binary "$1", run from the tree's root for models/) with inference
+# on the GPU, at the batch size from which the GPU passes 1 M node-windows/s.
+end_to_end() {
+  GRIDWATCH__MODEL__EXECUTION_PROVIDER=cuda GRIDWATCH__INFER__MAX_BATCH=1024 \
+    "$1" bench --readings 400000 --repeat 3
 }
 
 case "${1:-}" in
@@ -56,6 +66,8 @@ case "${1:-}" in
     LD_LIBRARY_PATH="$site/onnxruntime/capi${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     cuda_libraries_from "$site"
     gpu_then_cpu cargo bench --locked --features cuda --bench inference -- "${criterion_args[@]}"
+    cargo build --release --locked --features cuda
+    end_to_end target/release/gridwatch
     ;;
   pack)
     rm -rf "$pack"
@@ -69,6 +81,8 @@ for line in sys.stdin:
         print(m["executable"])')"
     [ -x "$bench" ] || { echo "gpu-bench.sh: the inference bench did not build" >&2; exit 1; }
     cp "$bench" "$pack/base/inference"
+    cargo build --release --locked --features cuda
+    cp target/release/gridwatch "$pack/base/gridwatch"
     # The wheel for the GPU machine's Python does not matter: only its shared libraries are used.
     python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
       --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
@@ -98,9 +112,10 @@ for line in sys.stdin:
     [ -n "$site" ] && cuda_libraries_from "$site"
     export GRIDWATCH_BENCH_ROOT="$root"
     gpu_then_cpu "$pack/base/inference" --bench "${criterion_args[@]}"
+    end_to_end "$pack/base/gridwatch"
     ;;
   -h|--help)
-    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     ;;
   *)
     echo "gpu-bench.sh: unknown argument: $1 (see --help)" >&2
