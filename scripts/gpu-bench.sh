@@ -38,10 +38,14 @@ cuda_libraries_from() {
   export LD_LIBRARY_PATH
 }
 
-# Runs the inference bench command "$@" on the GPU, then on the same machine's CPU.
-gpu_then_cpu() {
+# Stops unless an NVIDIA GPU answers; prints which.
+require_gpu() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv \
     || { echo "gpu-bench.sh: no NVIDIA GPU answers (nvidia-smi failed)" >&2; exit 1; }
+}
+
+# Runs the inference bench command "$@" on the GPU, then on the same machine's CPU.
+gpu_then_cpu() {
   GRIDWATCH_EXECUTION_PROVIDER=cuda GRIDWATCH_BENCH_BATCHES="$gpu_batches" "$@"
   "$@"
 }
@@ -55,6 +59,7 @@ end_to_end() {
 
 case "${1:-}" in
   "")
+    require_gpu
     scripts/setup.sh
     if [ ! -x .venv-gpu/bin/python ]; then
       python3 -m venv .venv-gpu
@@ -100,6 +105,7 @@ for line in sys.stdin:
     ;;
   run)
     [ -d "$pack/base" ] || { echo "gpu-bench.sh: no $pack/base; run 'scripts/gpu-bench.sh pack' first" >&2; exit 1; }
+    require_gpu
     provider="$pack/base/libonnxruntime_providers_cuda.so"
     if [ ! -f "$provider" ] || ! (cd "$pack/base" && sha256sum --quiet -c cuda-provider.sha256); then
       cat "$pack"/cuda-provider.part* > "$provider"
