@@ -102,7 +102,7 @@ mod bound {
     use std::hint::black_box;
 
     use criterion::{BenchmarkId, Criterion, Throughput};
-    use gridwatch::infer::{Model, contract::OUTPUT_NAME, environment};
+    use gridwatch::infer::{Model, contract::OUTPUT_NAME, environment, input_memory};
     use ort::ep::CUDA;
     use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
     use ort::session::Session;
@@ -135,13 +135,7 @@ mod bound {
     fn pinned(c: &mut Criterion, name: &str, model: &Model, batch: usize) -> ort::Result<()> {
         let (t, f) = (model.contract.window_steps, model.contract.channels.len());
         let mut session = session(model, false)?;
-        let memory = MemoryInfo::new(
-            AllocationDevice::CUDA_PINNED,
-            0,
-            AllocatorType::Device,
-            MemoryType::CPUInput,
-        )?;
-        let memory = Allocator::new(&session, memory)?;
+        let memory = input_memory(&session, "cuda").map_err(|e| ort::Error::new(e.to_string()))?;
         let mut tensors = Vec::new();
         for (shape, data) in inputs(batch, t, f) {
             let mut tensor = Tensor::<f32>::new(&memory, shape)?;

@@ -307,8 +307,9 @@ fn standardise(
 }
 
 /// The allocator of a model call's inputs: pinned host memory for the CUDA execution provider
-/// (which the GPU reads without a staging copy), else ONNX Runtime's CPU allocator.
-fn input_memory(session: &Session, provider: &str) -> Result<Allocator, InferError> {
+/// (which the GPU reads without a staging copy), else ONNX Runtime's CPU allocator. Public for
+/// the inference benchmark, which measures sessions of its own with the same inputs.
+pub fn input_memory(session: &Session, provider: &str) -> Result<Allocator, InferError> {
     if provider != "cuda" {
         return Ok(Allocator::default());
     }
@@ -361,6 +362,10 @@ pub struct Inferred {
     pub model: Arc<ModelContract>,
 }
 
+/// Windows per model call from which the CUDA execution provider passes 1 M node-windows/s for
+/// the default model on an H100 (docs/performance.md, GPU).
+const GPU_BATCH: usize = 1024;
+
 /// Batches windows from `input` (up to `max_batch`, waiting at most `max_wait` for a batch to
 /// fill), runs each batch on the blocking pool, and sends every window with its reconstruction
 /// to `output`. A model arriving on `reloads` replaces the current one between two batches, so
@@ -375,6 +380,13 @@ pub async fn run_batches(
     max_wait: Duration,
     on_batch: impl Fn(usize, f64) + Send + 'static,
 ) -> Result<Model, InferError> {
+    if model.provider == "cuda" && max_batch < GPU_BATCH {
+        tracing::info!(
+            max_batch,
+            "Inference runs on the GPU, which reaches its throughput from about {GPU_BATCH} windows per call; \
+             under heavy load set [infer] max_batch = {GPU_BATCH} (docs/performance.md, GPU)."
+        );
+    }
     let mut reloads_open = true;
     loop {
         let first = tokio::select! {

@@ -117,13 +117,6 @@ pub fn detector_for(config: &Config, contract: &ModelContract) -> anyhow::Result
 /// Loads the configured model and derives the assembler's spec and the detector from it.
 pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
     let model = Model::load(&config.model.contract, &config.model)?;
-    if model.provider == "cuda" && config.infer.max_batch < GPU_BATCH {
-        tracing::info!(
-            max_batch = config.infer.max_batch,
-            "Inference runs on the GPU, which reaches its throughput from about {GPU_BATCH} windows per call; \
-             under heavy load set [infer] max_batch = {GPU_BATCH} (docs/performance.md, GPU)."
-        );
-    }
     let contract = &model.contract;
     let detector = detector_for(config, contract)?;
     let spec = AssembleSpec {
@@ -144,10 +137,6 @@ pub fn load_model(config: &Config) -> anyhow::Result<Loaded> {
         detector,
     })
 }
-
-/// Windows per model call from which the CUDA execution provider passes 1 M node-windows/s for
-/// the default model on an H100 (docs/performance.md, GPU).
-const GPU_BATCH: usize = 1024;
 
 /// Builds the reading decoder from `[source]`.
 pub fn decoder(config: &Config) -> anyhow::Result<Decoder> {
