@@ -306,14 +306,28 @@ fn divergence(c: &mut Criterion) {
 }
 
 /// The floor check's per-window work (off by default): every step of every node/channel judged
-/// against its slot and learnt.
+/// against its slot and learnt; then the same with a ceiling beside each floor.
 fn floor(c: &mut Criterion) {
     let channels = spec().channels.len();
+    let count = |check: &mut Floors, w: &gridwatch::assemble::Window| {
+        let found = check.observe(w);
+        found.below_floor.len() + found.above_ceiling.len()
+    };
     per_window_check(
         c,
         "floor",
         || Floors::new(FloorConfig::default(), channels),
-        |check, w| check.observe(w).len(),
+        count,
+    );
+    let with_ceiling = FloorConfig {
+        ceiling: Some(1.05),
+        ..FloorConfig::default()
+    };
+    per_window_check(
+        c,
+        "floor+ceiling",
+        || Floors::new(with_ceiling.clone(), channels),
+        count,
     );
 }
 

@@ -292,6 +292,7 @@ mod tests {
             model_hash: "abc".into(),
             spot: Default::default(),
             floors: Default::default(),
+            ceilings: Default::default(),
             incidents: Default::default(),
         }
     }

@@ -119,6 +119,12 @@ pub fn event_json(e: &AnomalyEvent) -> String {
             "value": b.value,
             "floor": b.floor,
         })).collect::<Vec<_>>(),
+        "above_ceiling": e.above_ceiling.iter().map(|b| serde_json::json!({
+            "node_id": b.node_id,
+            "channel": b.channel,
+            "value": b.value,
+            "ceiling": b.ceiling,
+        })).collect::<Vec<_>>(),
     })
     .to_string()
 }

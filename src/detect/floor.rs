@@ -1,9 +1,12 @@
-//! floor: a sensor reading far below the lowest it has read at this time of day.
+//! floor: a sensor reading far below the lowest it has read at this time of day, and, when
+//! asked, far above the highest (its ceiling).
 //!
 //! Traffic has a daily shape: a road that is free-flowing at 1 a.m. every night and crawls at
 //! 1 a.m. tonight has an incident, although a crawl is ordinary at 5 p.m. The model sees two
 //! hours and scores tonight's crawl against every congestion onset it knows; this check
-//! remembers, per node, channel and time of day, the lowest value of the last days.
+//! remembers, per node, channel and time of day, the lowest value of the last days. A loop
+//! detector reading 80 mph on a road where nobody drove faster than 68 at that hour all week is
+//! miscalibrated, not fast: the ceiling remembers the highest value the same way.
 //!
 //! Invariants:
 //! - The day (UTC) is cut into slots of `slot`; a step belongs to the slot its start falls in.
@@ -16,8 +19,11 @@
 //!   lower the floor it is measured against; every other observed value does. Once a slot's
 //!   judging days fall out of `keep_days`, it stops judging and learns again, so a lasting
 //!   change of a sensor's normal is accepted after about `keep_days` + `days` days.
-//! - Learning is a minimum per day, so a step seen in several overlapping windows, or again in
-//!   a replay, teaches the same: no order of windows is assumed.
+//! - The ceiling, when `ceiling` is set, is the same with every "lowest" read "highest",
+//!   "under" read "over" and `factor` read `ceiling`, kept apart from the floors.
+//! - Learning is a minimum (for a ceiling a maximum) per day, so a step seen in several
+//!   overlapping windows, or again in a replay, teaches the same: no order of windows is
+//!   assumed.
 //! - Time of day is UTC: a daylight-saving change shifts local patterns by an hour, which
 //!   slots of an hour notice until the kept days have turned over.
 
@@ -52,6 +58,11 @@ pub struct FloorConfig {
     /// Days a slot remembers.
     #[serde(default = "default_keep_days")]
     pub keep_days: usize,
+    /// Present: a value over this multiple of its slot's ceiling (the highest of the kept days)
+    /// is above it (above 1 for positive values such as speeds), with the same `steps`, `slot`,
+    /// `days` and `keep_days`. Absent (default): no ceiling.
+    #[serde(default)]
+    pub ceiling: Option<f64>,
 }
 
 fn default_factor() -> f64 {
@@ -78,16 +89,22 @@ impl Default for FloorConfig {
             slot: default_slot(),
             days: default_days(),
             keep_days: default_keep_days(),
+            ceiling: None,
         }
     }
 }
 
 impl FloorConfig {
-    /// Refuses a factor that is not a positive number, 0 steps, a slot that does not divide a
-    /// day, or `days` outside 1..=`keep_days`.
+    /// Refuses a factor or ceiling that is not a positive number, 0 steps, a slot that does
+    /// not divide a day, or `days` outside 1..=`keep_days`.
     pub fn validate(&self) -> Result<(), SettingError> {
         if !(self.factor.is_finite() && self.factor > 0.0) {
             return Err(SettingError("factor must be a positive share of the floor"));
+        }
+        if self.ceiling.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+            return Err(SettingError(
+                "ceiling must be a positive multiple of the highest value",
+            ));
         }
         if self.steps == 0 {
             return Err(SettingError("steps is 0: a fault needs at least 1 step"));
@@ -111,37 +128,70 @@ impl FloorConfig {
     }
 }
 
-/// A node/channel below its floor over the window's last steps.
+/// A node/channel beyond its bound (below its floor, above its ceiling) over the window's last
+/// steps.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BelowFloor {
+pub struct Beyond {
     pub slot: usize,
     pub channel: usize,
     /// The value at the window's last step.
     pub value: f64,
-    /// The floor of that step's slot.
-    pub floor: f64,
+    /// The bound of that step's slot: its floor or its ceiling.
+    pub bound: f64,
 }
 
-/// The lowest value of one node/channel/slot on each kept day: `(day, lowest)`, oldest first.
+/// What one window is beyond.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outside {
+    pub below_floor: Vec<Beyond>,
+    pub above_ceiling: Vec<Beyond>,
+}
+
+/// Which bound a [`Bounds`] keeps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Side {
+    Floor,
+    Ceiling,
+}
+
+impl Side {
+    /// Of two values, the one this bound keeps.
+    fn extreme(self, a: f32, b: f32) -> f32 {
+        match self {
+            Side::Floor => a.min(b),
+            Side::Ceiling => a.max(b),
+        }
+    }
+
+    /// Whether `value` is beyond `factor` × `bound`.
+    fn beyond(self, value: f32, bound: f32, factor: f64) -> bool {
+        let limit = factor * f64::from(bound);
+        match self {
+            Side::Floor => f64::from(value) < limit,
+            Side::Ceiling => f64::from(value) > limit,
+        }
+    }
+}
+
+/// The extreme value of one node/channel/slot on each kept day: `(day, lowest)` for a floor,
+/// `(day, highest)` for a ceiling, oldest first.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SlotDays(Vec<(i64, f32)>);
 
 impl SlotDays {
-    /// The floor on `day`: the lowest value of the kept days before or on it, when they are
-    /// at least `days`.
-    fn floor(&self, day: i64, days: usize, keep_days: usize) -> Option<f32> {
-        let kept = self
-            .0
-            .iter()
-            .filter(|d| d.0 > day - keep_days as i64 && d.0 <= day);
-        let (count, lowest) = kept.fold((0, f32::INFINITY), |(n, low), d| (n + 1, low.min(d.1)));
-        (count >= days).then_some(lowest)
+    /// The bound on `day`: the extreme of the kept days before or on it, when they are at
+    /// least `days`.
+    fn bound(&self, side: Side, day: i64, days: usize, keep_days: usize) -> Option<f32> {
+        let mut kept = (self.0.iter()).filter(|d| d.0 > day - keep_days as i64 && d.0 <= day);
+        let first = kept.next()?.1;
+        let (count, extreme) = kept.fold((1, first), |(n, x), d| (n + 1, side.extreme(x, d.1)));
+        (count >= days).then_some(extreme)
     }
 
-    fn learn(&mut self, day: i64, value: f32, keep_days: usize) {
+    fn learn(&mut self, side: Side, day: i64, value: f32, keep_days: usize) {
         self.0.retain(|d| d.0 > day - keep_days as i64);
         match self.0.iter_mut().find(|d| d.0 == day) {
-            Some(d) => d.1 = d.1.min(value),
+            Some(d) => d.1 = side.extreme(d.1, value),
             None => {
                 let at = self.0.partition_point(|d| d.0 < day);
                 self.0.insert(at, (day, value));
@@ -150,13 +200,99 @@ impl SlotDays {
     }
 }
 
-/// The floors of one cell's nodes: per node and channel, one [`SlotDays`] per slot.
+/// One bound (floor or ceiling) of one cell's nodes: per node and channel, one [`SlotDays`] per
+/// slot.
+#[derive(Debug, Clone)]
+struct Bounds {
+    side: Side,
+    /// How far beyond the bound a value must be: `factor` or `ceiling`.
+    factor: f64,
+    nodes: HashMap<(Arc<str>, usize), Vec<SlotDays>>,
+}
+
+impl Bounds {
+    fn new(side: Side, factor: f64) -> Self {
+        Self {
+            side,
+            factor,
+            nodes: HashMap::new(),
+        }
+    }
+
+    fn entries(&self) -> Vec<FloorEntry> {
+        let mut out: Vec<FloorEntry> = (self.nodes.iter())
+            .map(|((node, channel), slots)| (node.to_string(), *channel, slots.clone()))
+            .collect();
+        out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        out
+    }
+
+    fn adopt(&mut self, entries: Vec<FloorEntry>, slots: usize, channels: usize) {
+        for (node, channel, days) in entries {
+            if days.len() == slots && channel < channels {
+                self.nodes.insert((Arc::from(node), channel), days);
+            }
+        }
+    }
+
+    /// Judges one node/channel of `window` against its bounds, then learns from it: the last
+    /// value and its bound when each of the last `config.steps` steps is beyond its bound.
+    fn observe(
+        &mut self,
+        config: &FloorConfig,
+        window: &Window,
+        node: usize,
+        channel: usize,
+        channels: usize,
+    ) -> Option<Beyond> {
+        let n = window.node_count();
+        let steps = window.values.len() / (n * channels).max(1);
+        let cadence = (window.end_ms - window.start_ms) / steps as i64;
+        let slot_ms = config.slot_ms();
+        let slots = (DAY_MS / slot_ms) as usize;
+        let checked = config.steps.min(steps);
+        let key = (Arc::clone(&window.nodes[node]), channel);
+        let bounds = (self.nodes.entry(key)).or_insert_with(|| vec![SlotDays::default(); slots]);
+        let mut beyond = 0;
+        let mut last = None;
+        for t in 0..steps {
+            let at = (t * n + node) * channels + channel;
+            if window.mask[at] <= 0.0 {
+                continue;
+            }
+            let value = window.values[at];
+            let start = window.start_ms + t as i64 * cadence;
+            let day = start.div_euclid(DAY_MS);
+            let slot = (start.rem_euclid(DAY_MS) / slot_ms) as usize;
+            let bound = bounds[slot].bound(self.side, day, config.days, config.keep_days);
+            match bound {
+                Some(b) if self.side.beyond(value, b, self.factor) => {
+                    if t >= steps - checked {
+                        beyond += 1;
+                        last = Some((value, b));
+                    }
+                }
+                _ => bounds[slot].learn(self.side, day, value, config.keep_days),
+            }
+        }
+        let (value, bound) = last.filter(|_| beyond == checked)?;
+        Some(Beyond {
+            slot: node,
+            channel,
+            value: f64::from(value),
+            bound: f64::from(bound),
+        })
+    }
+}
+
+/// The floors of one cell's nodes, and their ceilings when `[detect.floor] ceiling` is set.
 #[derive(Debug, Clone)]
 pub struct Floors {
     config: FloorConfig,
     /// Model channels per node in a window.
     channels: usize,
-    nodes: HashMap<(Arc<str>, usize), Vec<SlotDays>>,
+    floors: Bounds,
+    ceilings: Option<Bounds>,
 }
 
 /// One node/channel's slots, as saved.
@@ -165,93 +301,65 @@ pub type FloorEntry = (String, usize, Vec<SlotDays>);
 impl Floors {
     pub fn new(config: FloorConfig, channels: usize) -> Self {
         Self {
+            floors: Bounds::new(Side::Floor, config.factor),
+            ceilings: config.ceiling.map(|c| Bounds::new(Side::Ceiling, c)),
             config,
             channels,
-            nodes: HashMap::new(),
         }
     }
 
-    /// Every node/channel's slots, to save.
+    /// Every node/channel's floor slots, to save.
     pub fn entries(&self) -> Vec<FloorEntry> {
-        let mut out: Vec<FloorEntry> = (self.nodes.iter())
-            .map(|((node, channel), slots)| (node.to_string(), *channel, slots.clone()))
-            .collect();
-        out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        out
+        self.floors.entries()
     }
 
-    /// Takes over saved slots; those of another slot length are left out.
+    /// Every node/channel's ceiling slots, to save; none without a ceiling.
+    pub fn ceiling_entries(&self) -> Vec<FloorEntry> {
+        self.ceilings
+            .as_ref()
+            .map(Bounds::entries)
+            .unwrap_or_default()
+    }
+
+    /// Takes over saved floor slots; those of another slot length are left out.
     pub fn adopt(&mut self, entries: Vec<FloorEntry>) {
         let slots = self.slots_per_day();
-        for (node, channel, days) in entries {
-            if days.len() == slots && channel < self.channels {
-                self.nodes.insert((Arc::from(node), channel), days);
-            }
+        self.floors.adopt(entries, slots, self.channels);
+    }
+
+    /// Takes over saved ceiling slots, as [`Floors::adopt`]; ignored without a ceiling.
+    pub fn adopt_ceilings(&mut self, entries: Vec<FloorEntry>) {
+        let slots = self.slots_per_day();
+        if let Some(ceilings) = self.ceilings.as_mut() {
+            ceilings.adopt(entries, slots, self.channels);
         }
     }
 
     /// Whether no node/channel has slots.
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.floors.nodes.is_empty() && self.ceilings.as_ref().is_none_or(|c| c.nodes.is_empty())
     }
 
     fn slots_per_day(&self) -> usize {
         (DAY_MS / self.config.slot_ms()) as usize
     }
 
-    /// Judges every node/channel of `window` against its floors, then learns from the window.
-    pub fn observe(&mut self, window: &Window) -> Vec<BelowFloor> {
+    /// Judges every node/channel of `window` against its floors (and ceilings), then learns
+    /// from the window.
+    pub fn observe(&mut self, window: &Window) -> Outside {
         let (n, f) = (window.node_count(), self.channels);
-        let steps = window.values.len() / (n * f).max(1);
-        if steps == 0 {
-            return Vec::new();
+        let mut found = Outside::default();
+        if window.values.len() < n * f || n * f == 0 {
+            return found;
         }
-        let cadence = (window.end_ms - window.start_ms) / steps as i64;
-        let (slot_ms, slots) = (self.config.slot_ms(), self.slots_per_day());
-        let FloorConfig {
-            factor,
-            days,
-            keep_days,
-            ..
-        } = self.config;
-        let checked = self.config.steps.min(steps);
-        let mut found = Vec::new();
         for node in 0..n {
             for c in 0..f {
-                let key = (Arc::clone(&window.nodes[node]), c);
-                let floors =
-                    (self.nodes.entry(key)).or_insert_with(|| vec![SlotDays::default(); slots]);
-                let mut below = 0;
-                let mut last = None;
-                for t in 0..steps {
-                    let at = (t * n + node) * f + c;
-                    if window.mask[at] <= 0.0 {
-                        continue;
-                    }
-                    let value = window.values[at];
-                    let start = window.start_ms + t as i64 * cadence;
-                    let day = start.div_euclid(DAY_MS);
-                    let slot = (start.rem_euclid(DAY_MS) / slot_ms) as usize;
-                    let floor = floors[slot].floor(day, days, keep_days);
-                    let under = floor.is_some_and(|fl| f64::from(value) < factor * f64::from(fl));
-                    if under {
-                        if t >= steps - checked {
-                            below += 1;
-                            last = floor.map(|fl| (value, fl));
-                        }
-                    } else {
-                        floors[slot].learn(day, value, keep_days);
-                    }
-                }
-                if below == checked
-                    && let Some((value, floor)) = last
-                {
-                    found.push(BelowFloor {
-                        slot: node,
-                        channel: c,
-                        value: f64::from(value),
-                        floor: f64::from(floor),
-                    });
+                let below = self.floors.observe(&self.config, window, node, c, f);
+                found.below_floor.extend(below);
+                if let Some(ceilings) = self.ceilings.as_mut() {
+                    found
+                        .above_ceiling
+                        .extend(ceilings.observe(&self.config, window, node, c, f));
                 }
             }
         }
@@ -264,6 +372,15 @@ mod tests {
     use super::*;
 
     const HOUR: i64 = 3_600_000;
+
+    impl Floors {
+        /// What `window` is below, checking that no ceiling is crossed.
+        fn below(&mut self, window: &Window) -> Vec<Beyond> {
+            let found = self.observe(window);
+            assert!(found.above_ceiling.is_empty(), "{found:?}");
+            found.below_floor
+        }
+    }
     const STEP: i64 = 300_000;
 
     /// One node, one channel, 5-minute steps from `start_ms`.
@@ -285,7 +402,7 @@ mod tests {
     fn learn_days(floors: &mut Floors, days: std::ops::Range<i64>, speed: f32) {
         for day in days {
             for hour in 0..24 {
-                let found = floors.observe(&window(day * DAY_MS + hour * HOUR, &[speed; 12]));
+                let found = floors.below(&window(day * DAY_MS + hour * HOUR, &[speed; 12]));
                 assert!(found.is_empty(), "day {day} hour {hour}");
             }
         }
@@ -302,18 +419,18 @@ mod tests {
     fn a_slot_judges_once_it_has_learnt_its_days() {
         let mut floors = Floors::new(FloorConfig::default(), 1);
         learn_days(&mut floors, 0..3, 60.0);
-        let found = floors.observe(&slowdown(3, 5));
+        let found = floors.below(&slowdown(3, 5));
         assert_eq!(
             found,
-            [BelowFloor {
+            [Beyond {
                 slot: 0,
                 channel: 0,
                 value: 30.0,
-                floor: 60.0
+                bound: 60.0
             }]
         );
         assert!(
-            floors.observe(&slowdown(3, 4)).is_empty(),
+            floors.below(&slowdown(3, 4)).is_empty(),
             "4 of the last 5 steps"
         );
     }
@@ -323,9 +440,9 @@ mod tests {
         let mut floors = Floors::new(FloorConfig::default(), 1);
         learn_days(&mut floors, 0..2, 60.0);
         let slow = window(2 * DAY_MS + HOUR, &[30.0; 12]);
-        assert!(floors.observe(&slow).is_empty(), "two days of three");
-        let found = floors.observe(&window(3 * DAY_MS + HOUR, &[20.0; 12]));
-        assert_eq!(found[0].floor, 30.0, "day 2's 30 is now the floor");
+        assert!(floors.below(&slow).is_empty(), "two days of three");
+        let found = floors.below(&window(3 * DAY_MS + HOUR, &[20.0; 12]));
+        assert_eq!(found[0].bound, 30.0, "day 2's 30 is now the floor");
     }
 
     #[test]
@@ -333,13 +450,13 @@ mod tests {
         let mut floors = Floors::new(FloorConfig::default(), 1);
         learn_days(&mut floors, 0..3, 60.0);
         for _ in 0..3 {
-            assert_eq!(floors.observe(&slowdown(3, 12)).len(), 1);
+            assert_eq!(floors.below(&slowdown(3, 12)).len(), 1);
         }
         // Slower than 60 but not under 0.85 × 60: 52 is learnt, and lowers the floor to 52.
         let slower = window(3 * DAY_MS + 2 * HOUR, &[52.0; 12]);
-        assert!(floors.observe(&slower).is_empty());
-        let found = floors.observe(&window(3 * DAY_MS + 2 * HOUR, &[44.0; 12]));
-        assert_eq!(found[0].floor, 52.0);
+        assert!(floors.below(&slower).is_empty());
+        let found = floors.below(&window(3 * DAY_MS + 2 * HOUR, &[44.0; 12]));
+        assert_eq!(found[0].bound, 52.0);
     }
 
     #[test]
@@ -352,14 +469,14 @@ mod tests {
         let mut floors = Floors::new(config, 1);
         learn_days(&mut floors, 0..2, 60.0);
         let slow = |day| window(day * DAY_MS + HOUR, &[30.0; 12]);
-        assert_eq!(floors.observe(&slow(2)).len(), 1);
+        assert_eq!(floors.below(&slow(2)).len(), 1);
         // Day 3 keeps days 1 to 3, so day 1 alone of the judging days: the slot stops judging
         // and learns 30, and judges again once it holds two days of it.
         for day in 3..6 {
-            assert!(floors.observe(&slow(day)).is_empty(), "day {day}");
+            assert!(floors.below(&slow(day)).is_empty(), "day {day}");
         }
-        let found = floors.observe(&window(6 * DAY_MS + HOUR, &[20.0; 12]));
-        assert_eq!(found[0].floor, 30.0);
+        let found = floors.below(&window(6 * DAY_MS + HOUR, &[20.0; 12]));
+        assert_eq!(found[0].bound, 30.0);
     }
 
     #[test]
@@ -370,10 +487,10 @@ mod tests {
         gap.mask[11] = 0.0;
         gap.values[11] = 0.0;
         assert!(
-            floors.observe(&gap).is_empty(),
+            floors.below(&gap).is_empty(),
             "the last step is not observed"
         );
-        assert_eq!(floors.observe(&slowdown(3, 12))[0].floor, 60.0);
+        assert_eq!(floors.below(&slowdown(3, 12))[0].bound, 60.0);
     }
 
     #[test]
@@ -383,7 +500,7 @@ mod tests {
         let json = serde_json::to_string(&floors.entries()).unwrap();
         let mut next = Floors::new(FloorConfig::default(), 1);
         next.adopt(serde_json::from_str(&json).unwrap());
-        assert_eq!(next.observe(&slowdown(3, 5)).len(), 1);
+        assert_eq!(next.below(&slowdown(3, 5)).len(), 1);
         let mut other_slots = Floors::new(
             FloorConfig {
                 slot: Duration::from_secs(1800),
@@ -418,9 +535,100 @@ mod tests {
                 days: 8,
                 ..FloorConfig::default()
             },
+            FloorConfig {
+                ceiling: Some(0.0),
+                ..FloorConfig::default()
+            },
+            FloorConfig {
+                ceiling: Some(f64::NAN),
+                ..FloorConfig::default()
+            },
         ];
         for config in bad {
             assert!(config.validate().is_err(), "{config:?}");
         }
+    }
+
+    fn with_ceiling() -> FloorConfig {
+        FloorConfig {
+            ceiling: Some(1.05),
+            ..FloorConfig::default()
+        }
+    }
+
+    /// Day `day`, 01:00: 12 − `fast` steps at 60, then `fast` steps at `speed`.
+    fn speedup(day: i64, fast: usize, speed: f32) -> Window {
+        let mut values = vec![60.0; 12 - fast];
+        values.extend(std::iter::repeat_n(speed, fast));
+        window(day * DAY_MS + HOUR, &values)
+    }
+
+    #[test]
+    fn a_ceiling_judges_values_over_the_highest_of_its_days() {
+        let mut floors = Floors::new(with_ceiling(), 1);
+        learn_days(&mut floors, 0..3, 60.0);
+        let found = floors.observe(&speedup(3, 5, 70.0));
+        assert!(found.below_floor.is_empty());
+        assert_eq!(
+            found.above_ceiling,
+            [Beyond {
+                slot: 0,
+                channel: 0,
+                value: 70.0,
+                bound: 60.0
+            }]
+        );
+        let four = floors.observe(&speedup(3, 4, 70.0));
+        assert!(four.above_ceiling.is_empty(), "4 of the last 5 steps");
+        // 62 is within 1.05 × 60: learnt, so the ceiling is 62 from now on, and 70 is still
+        // over 1.05 × 62 while 65 is not.
+        assert!(
+            floors
+                .observe(&speedup(3, 12, 62.0))
+                .above_ceiling
+                .is_empty()
+        );
+        assert_eq!(
+            floors.observe(&speedup(3, 5, 70.0)).above_ceiling[0].bound,
+            62.0
+        );
+        assert!(
+            floors
+                .observe(&speedup(3, 5, 65.0))
+                .above_ceiling
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_value_over_the_ceiling_does_not_raise_it_and_floors_ignore_it() {
+        let mut floors = Floors::new(with_ceiling(), 1);
+        learn_days(&mut floors, 0..3, 60.0);
+        for _ in 0..3 {
+            assert_eq!(floors.observe(&speedup(3, 12, 90.0)).above_ceiling.len(), 1);
+        }
+        assert_eq!(
+            floors.observe(&speedup(3, 5, 70.0)).above_ceiling[0].bound,
+            60.0
+        );
+        // The floors learnt nothing from the fast steps: a slowdown is judged against 60.
+        assert_eq!(floors.below(&slowdown(3, 5))[0].bound, 60.0);
+        let without = Floors::new(FloorConfig::default(), 1);
+        assert!(without.ceiling_entries().is_empty(), "no ceiling asked for");
+    }
+
+    #[test]
+    fn saved_ceilings_are_taken_over_apart_from_the_floors() {
+        let mut floors = Floors::new(with_ceiling(), 1);
+        learn_days(&mut floors, 0..3, 60.0);
+        let ceilings = serde_json::to_string(&floors.ceiling_entries()).unwrap();
+        let mut next = Floors::new(with_ceiling(), 1);
+        next.adopt_ceilings(serde_json::from_str(&ceilings).unwrap());
+        assert!(!next.is_empty());
+        assert_eq!(next.observe(&speedup(3, 5, 70.0)).above_ceiling.len(), 1);
+        assert!(
+            next.below(&slowdown(3, 5)).is_empty(),
+            "the floors start learning again"
+        );
     }
 }

@@ -55,8 +55,8 @@ struct CellThreshold {
 }
 
 /// What a judge keeps across a graceful restart (`[detect] state_file`) and hands a cell's next
-/// owner (`[detect.changelog]`): the divergence baselines (a day to learn), the floors (days)
-/// and the SPOT thresholds (`spot_init_windows` windows to fit); to the next owner also the
+/// owner (`[detect.changelog]`): the divergence baselines (a day to learn), the floors and
+/// ceilings (days) and the SPOT thresholds (`spot_init_windows` windows to fit); to the next owner also the
 /// incidents, pending or open, so that an incident goes on under its id.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct JudgeState {
@@ -75,6 +75,9 @@ pub struct JudgeState {
     /// Per cell, its nodes' time-of-day floors (`[detect.floor]`).
     #[serde(default)]
     pub floors: BTreeMap<String, Vec<FloorEntry>>,
+    /// Per cell, its nodes' time-of-day ceilings (`[detect.floor] ceiling`).
+    #[serde(default)]
+    pub ceilings: BTreeMap<String, Vec<FloorEntry>>,
     /// Per cell, its pending or open incident (`[detect.incidents]`, changelog records only).
     /// Saved only where every transition of the cell is acknowledged, so that the windows it
     /// has taken are ones whose events are out.
@@ -99,7 +102,7 @@ pub struct Restored {
     pub spot: Result<usize, String>,
     /// Cells whose pending or open incident was taken over.
     pub incidents: Result<usize, String>,
-    /// Cells whose time-of-day floors were taken over.
+    /// Cells whose time-of-day floors (and ceilings) were taken over.
     pub floors: Result<usize, String>,
 }
 
@@ -218,7 +221,9 @@ impl Judge {
             let floors = state
                 .floor
                 .get_or_insert_with(|| self.detector.floors(config));
-            score.below_floor = floors.observe(window);
+            let outside = floors.observe(window);
+            score.below_floor = outside.below_floor;
+            score.above_ceiling = outside.above_ceiling;
         }
         let (threshold, above) = match self.config.threshold_policy {
             ThresholdPolicy::Static => {
@@ -227,8 +232,8 @@ impl Judge {
             }
             ThresholdPolicy::Spot => self.spot_step(&window.cell, score.score),
         };
-        // A sensor fault (flatline, spike, divergence) makes the window anomalous under either
-        // policy.
+        // A sensor fault (flatline, spike, divergence, floor, ceiling) makes the window
+        // anomalous under either policy.
         let anomalous = above || score.has_sensor_fault();
         let mut event = anomalous.then(|| self.detector.event(window, &score, threshold));
         if let Some(tracker) = self.incidents.as_mut() {
@@ -310,6 +315,7 @@ impl Judge {
         let empty = state.divergence.is_empty()
             && state.spot.is_empty()
             && state.floors.is_empty()
+            && state.ceilings.is_empty()
             && state.incidents.is_empty();
         (!empty).then_some(state)
     }
@@ -337,6 +343,11 @@ impl Judge {
         let floors = cells()
             .filter_map(|(cell, state)| Some((cell.to_string(), state.floor.as_ref()?.entries())))
             .collect();
+        let ceilings = cells()
+            .filter_map(|(cell, state)| Some((cell, state.floor.as_ref()?.ceiling_entries())))
+            .filter(|(_, entries)| !entries.is_empty())
+            .map(|(cell, entries)| (cell.to_string(), entries))
+            .collect();
         JudgeState {
             channels: self.detector.channels.clone(),
             saved_at_ms,
@@ -344,6 +355,7 @@ impl Judge {
             model_hash: self.detector.model_hash.clone(),
             spot,
             floors,
+            ceilings,
             incidents: BTreeMap::new(),
         }
     }
@@ -357,7 +369,7 @@ impl Judge {
     pub fn restore(&mut self, state: JudgeState, now_ms: i64) -> Restored {
         let spot = self.restore_spot(&state.model_hash, state.spot);
         let incidents = self.restore_incidents(&state.model_hash, state.incidents);
-        let floors = self.restore_floors(&state.channels, state.floors);
+        let floors = self.restore_floors(&state.channels, state.floors, state.ceilings);
         let divergence =
             self.restore_divergence(state.channels, state.saved_at_ms, state.divergence, now_ms);
         Restored {
@@ -368,24 +380,37 @@ impl Judge {
         }
     }
 
-    /// Takes over saved floors: refused when the check is off or the model's channels are not
-    /// the ones they were saved with; slots of another `[detect.floor] slot` are left out.
+    /// Takes over saved floors and ceilings: refused when the check is off or the model's
+    /// channels are not the ones they were saved with; slots of another `[detect.floor] slot`
+    /// are left out, and ceilings when no `ceiling` is set.
     fn restore_floors(
         &mut self,
         channels: &[String],
-        cells: BTreeMap<String, Vec<FloorEntry>>,
+        floors: BTreeMap<String, Vec<FloorEntry>>,
+        mut ceilings: BTreeMap<String, Vec<FloorEntry>>,
     ) -> Result<usize, String> {
-        if cells.is_empty() {
+        if floors.is_empty() && ceilings.is_empty() {
             return Ok(0);
         }
         let Some(config) = self.config.floor.clone() else {
             return Err("[detect.floor] is off".into());
         };
         self.has_channels(channels)?;
+        let mut cells: BTreeMap<String, (Vec<FloorEntry>, Vec<FloorEntry>)> = BTreeMap::new();
+        for (cell, entries) in floors {
+            let highs = ceilings.remove(&cell).unwrap_or_default();
+            cells.insert(cell, (entries, highs));
+        }
+        cells.extend(
+            ceilings
+                .into_iter()
+                .map(|(cell, highs)| (cell, (Vec::new(), highs))),
+        );
         let mut restored = 0;
-        for (cell, entries) in cells {
+        for (cell, (lows, highs)) in cells {
             let mut floors = self.detector.floors(&config);
-            floors.adopt(entries);
+            floors.adopt(lows);
+            floors.adopt_ceilings(highs);
             if !floors.is_empty() {
                 restored += 1;
                 self.adopt_floors(&Arc::from(cell), floors);

@@ -83,17 +83,21 @@ pub struct Score {
     pub diverged: Vec<divergence::DivergedAt>,
     /// Every node/channel the floor check found below its time-of-day floor (set by the
     /// [`Judge`]).
-    pub below_floor: Vec<floor::BelowFloor>,
+    pub below_floor: Vec<floor::Beyond>,
+    /// Every node/channel the floor check found above its time-of-day ceiling (set by the
+    /// [`Judge`]).
+    pub above_ceiling: Vec<floor::Beyond>,
 }
 
 impl Score {
-    /// Whether a sensor check found a fault (a flatline, a spike, a divergence): such a window
-    /// is anomalous whatever its score.
+    /// Whether a sensor check found a fault (a flatline, a spike, a divergence, a value beyond
+    /// its floor or ceiling): such a window is anomalous whatever its score.
     pub fn has_sensor_fault(&self) -> bool {
         !self.flat.is_empty()
             || !self.spikes.is_empty()
             || !self.diverged.is_empty()
             || !self.below_floor.is_empty()
+            || !self.above_ceiling.is_empty()
     }
 }
 
@@ -253,6 +257,7 @@ impl Detector {
             spikes,
             diverged: Vec::new(),
             below_floor: Vec::new(),
+            above_ceiling: Vec::new(),
         }
     }
 
@@ -407,7 +412,17 @@ impl Detector {
                     node_id: window.nodes[b.slot].to_string(),
                     channel: self.channels[b.channel].clone(),
                     value: b.value,
-                    floor: b.floor,
+                    floor: b.bound,
+                })
+                .collect(),
+            above_ceiling: score
+                .above_ceiling
+                .iter()
+                .map(|b| crate::schema::AboveCeiling {
+                    node_id: window.nodes[b.slot].to_string(),
+                    channel: self.channels[b.channel].clone(),
+                    value: b.value,
+                    ceiling: b.bound,
                 })
                 .collect(),
         }

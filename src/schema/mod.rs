@@ -20,8 +20,8 @@ pub mod fast;
 pub mod records;
 
 pub use records::{
-    AnomalyEvent, BelowFloor, Channel, Contributor, Diverged, Flatline, Incident, IncidentStatus,
-    Reading, Severity, ShapeError, SpatialNode, Spike,
+    AboveCeiling, AnomalyEvent, BelowFloor, Channel, Contributor, Diverged, Flatline, Incident,
+    IncidentStatus, Reading, Severity, ShapeError, SpatialNode, Spike,
 };
 
 /// Largest allocation a single Avro length prefix may ask for; a hostile payload claiming a
@@ -410,6 +410,13 @@ mod tests {
             channel: "speed".into(),
             value: 21.5,
             floor: 58.0,
+        }];
+        assert_eq!(round_trip(&event), event);
+        event.above_ceiling = vec![AboveCeiling {
+            node_id: "n".into(),
+            channel: "speed".into(),
+            value: 81.5,
+            ceiling: 68.0,
         }];
         assert_eq!(round_trip(&event), event);
     }

@@ -106,6 +106,8 @@ pub struct AnomalyEvent {
     pub diverged: Vec<Diverged>,
     /// Nodes far below their floor for the time of day (the floor check).
     pub below_floor: Vec<BelowFloor>,
+    /// Nodes far above their ceiling for the time of day (the floor check's ceiling).
+    pub above_ceiling: Vec<AboveCeiling>,
 }
 
 #[cfg(test)]
@@ -138,6 +140,7 @@ impl AnomalyEvent {
             spikes: Vec::new(),
             diverged: Vec::new(),
             below_floor: Vec::new(),
+            above_ceiling: Vec::new(),
         }
     }
 }
@@ -176,6 +179,17 @@ pub struct BelowFloor {
     pub value: f64,
     /// The floor of that step's time-of-day slot.
     pub floor: f64,
+}
+
+/// A node/channel pair above its time-of-day ceiling over the floor check's last steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AboveCeiling {
+    pub node_id: String,
+    pub channel: String,
+    /// The value at the window's last step.
+    pub value: f64,
+    /// The ceiling of that step's time-of-day slot.
+    pub ceiling: f64,
 }
 
 /// A node/channel pair that read exactly one value over the flatline check's last steps.
@@ -610,6 +624,22 @@ impl AnomalyEvent {
                         .collect(),
                 ),
             ),
+            (
+                "above_ceiling".into(),
+                Value::Array(
+                    self.above_ceiling
+                        .iter()
+                        .map(|b| {
+                            Value::Record(vec![
+                                ("node_id".into(), Value::String(b.node_id.clone())),
+                                ("channel".into(), Value::String(b.channel.clone())),
+                                ("value".into(), Value::Double(b.value)),
+                                ("ceiling".into(), Value::Double(b.ceiling)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
         ])
     }
 
@@ -705,6 +735,14 @@ impl AnomalyEvent {
                     channel: b.string("channel")?,
                     value: b.double("value")?,
                     floor: b.double("floor")?,
+                })
+            })?,
+            above_ceiling: fields.records_or_empty("above_ceiling", |b| {
+                Ok(AboveCeiling {
+                    node_id: b.string("node_id")?,
+                    channel: b.string("channel")?,
+                    value: b.double("value")?,
+                    ceiling: b.double("ceiling")?,
                 })
             })?,
         })

@@ -143,6 +143,40 @@ fn a_node_below_its_floor_makes_the_window_anomalous_and_its_floors_move_with_th
 }
 
 #[test]
+fn a_node_above_its_ceiling_makes_the_window_anomalous_and_its_ceilings_move_with_the_cell() {
+    let mut config = floor_config();
+    if let Some(floor) = config.floor.as_mut() {
+        floor.ceiling = Some(1.05);
+    }
+    let mut judge = Judge::new(three_node_detector("1", &config), &config);
+    assert!(!judge.judge(&three_nodes(2, 12.0), &[0.0; 6]).anomalous);
+    // z at 13, over 1.05 × its ceiling of 12, in both steps.
+    let j = judge.judge(&three_nodes(4, 13.0), &[0.0; 6]);
+    let event = j.event.expect("an anomalous window is published");
+    assert!(event.below_floor.is_empty());
+    assert_eq!(event.above_ceiling.len(), 1, "{:?}", event.above_ceiling);
+    let above = &event.above_ceiling[0];
+    assert_eq!((above.node_id.as_str(), above.ceiling), ("z", 12.0));
+
+    // Saved beside the floors and taken over with them.
+    let state = judge.cell_state("c", 0, false).unwrap();
+    assert_eq!(state.ceilings["c"].len(), 3, "x, y and z on one channel");
+    let mut next = Judge::new(three_node_detector("1", &config), &config);
+    assert_eq!(next.restore(state.clone(), 0).floors, Ok(1));
+    let j = next.judge(&three_nodes(6, 13.0), &[0.0; 6]);
+    assert_eq!(
+        j.event.map(|e| e.above_ceiling.len()),
+        Some(1),
+        "the ceiling came along"
+    );
+    // Without a ceiling the saved ceilings are left out; the floors still come.
+    let floors_only = floor_config();
+    let mut plain = Judge::new(three_node_detector("1", &floors_only), &floors_only);
+    assert_eq!(plain.restore(state, 0).floors, Ok(1));
+    assert!(!plain.judge(&three_nodes(6, 13.0), &[0.0; 6]).anomalous);
+}
+
+#[test]
 fn a_cell_state_holds_that_cell_alone_and_restores_it() {
     let config = divergence_config();
     let mut judge = Judge::new(three_node_detector("1", &config), &config);
