@@ -5,11 +5,15 @@
 //!   when the step is labelled anomalous for that cell, and it is flagged when the window that
 //!   ends with that step was anomalous. Nothing is point-adjusted: a labelled range counts
 //!   every one of its points, found or not.
-//! - A labelled range is *found* when any flagged point of one of its cells lies inside it;
-//!   its detection delay is the time from its start to the first such point.
+//! - A labelled range is *found* when any flagged point of one of its cells lies inside it, or
+//!   a *late finding* names a step inside it: a flagged point whose window found something at
+//!   an earlier step (a spike, which the check can only tell once the step after it is in).
+//!   Its detection delay is the time from its start to the first such point (for a late
+//!   finding, the point that flagged it, not the step it names). Late findings change no
+//!   point-wise figure: those stay with the flagged point.
 //! - An *alarm* is a run of flagged points of one cell, runs closer than `merge_gap` steps
-//!   counting as one (what one incident would be); an alarm that covers no labelled point is a
-//!   false alarm.
+//!   counting as one (what one incident would be); an alarm that covers no labelled point, and
+//!   holds no late finding of one, is a false alarm.
 //! - Every ratio with an empty denominator is 0, never NaN, so a JSON report always parses.
 
 use serde::Serialize;
@@ -24,6 +28,16 @@ pub struct Track {
     pub times_ms: Vec<i64>,
     pub labels: Vec<bool>,
     pub flagged: Vec<bool>,
+    /// Late findings: (start of the step found anomalous, start of the flagged point's step
+    /// that found it).
+    pub late: Vec<(i64, i64)>,
+}
+
+impl Track {
+    /// The label of the point whose step starts at `t_ms`; false for a time it has no point of.
+    fn label_at(&self, t_ms: i64) -> bool {
+        (self.times_ms.binary_search(&t_ms)).is_ok_and(|i| self.labels[i])
+    }
 }
 
 /// One labelled anomaly: a time range on some cells.
@@ -111,7 +125,10 @@ pub fn compute(tracks: &[Track], ranges: &[LabelledRange], merge_gap: usize) -> 
         }
         for alarm in alarms(&t.flagged, merge_gap) {
             m.alarms += 1;
-            if !t.labels[alarm.0..alarm.1].iter().any(|&l| l) {
+            let (from, to) = (t.times_ms[alarm.0], t.times_ms[alarm.1 - 1]);
+            let finds_label =
+                (t.late.iter()).any(|&(step, by)| by >= from && by <= to && t.label_at(step));
+            if !t.labels[alarm.0..alarm.1].iter().any(|&l| l) && !finds_label {
                 m.false_alarms += 1;
             }
         }
@@ -180,14 +197,18 @@ pub fn compute(tracks: &[Track], ranges: &[LabelledRange], merge_gap: usize) -> 
     m
 }
 
-/// Time of the first flagged point of `track` in `[start_ms, end_ms)`.
+/// Time of the first flagged point of `track` in `[start_ms, end_ms)`, or of the first point
+/// whose late finding lies there, whichever is earlier.
 fn first_flag_in(track: &Track, start_ms: i64, end_ms: i64) -> Option<i64> {
-    track
-        .times_ms
-        .iter()
-        .zip(&track.flagged)
-        .find(|&(&t, &f)| f && t >= start_ms && t < end_ms)
-        .map(|(&t, _)| t)
+    let inside = |t: i64| t >= start_ms && t < end_ms;
+    let flagged = (track.times_ms.iter().zip(&track.flagged))
+        .find(|&(&t, &f)| f && inside(t))
+        .map(|(&t, _)| t);
+    let late = (track.late.iter())
+        .filter(|&&(step, _)| inside(step))
+        .map(|&(_, by)| by)
+        .min();
+    flagged.into_iter().chain(late).min()
 }
 
 /// Half-open index ranges of the alarms in `flags`: runs of flagged points, merged when fewer
@@ -247,6 +268,7 @@ mod tests {
             times_ms: (0..labels.len() as i64).map(|i| i * 1_000).collect(),
             labels: labels.chars().map(bit).collect(),
             flagged: flags.chars().map(bit).collect(),
+            late: Vec::new(),
         }
     }
 
@@ -290,6 +312,29 @@ mod tests {
         assert_eq!(m.false_negatives, 7);
         assert_eq!(m.event_recall, 1.0);
         assert_eq!(m.recall, 1.0 / 8.0);
+    }
+
+    #[test]
+    fn a_late_finding_finds_its_range_and_changes_no_point() {
+        // A one-step range at point 3, flagged only at point 4 by a finding about point 3.
+        let mut t = track("0001000000", "0000100000");
+        let ranges = label_runs(&t, 0);
+        let missed = compute(std::slice::from_ref(&t), &ranges, 0);
+        assert_eq!(missed.ranges_found, 0);
+        t.late = vec![(3_000, 4_000)];
+        let m = compute(std::slice::from_ref(&t), &ranges, 0);
+        assert_eq!((m.ranges_found, m.mean_delay_s), (1, 1.0));
+        assert_eq!((m.true_positives, m.false_positives), (0, 1));
+        assert_eq!(
+            (m.alarms, m.false_alarms),
+            (1, 0),
+            "the alarm found the range"
+        );
+        assert_eq!((missed.alarms, missed.false_alarms), (1, 1));
+        // A late finding outside the range finds nothing, and its alarm is false.
+        t.late = vec![(2_000, 4_000)];
+        let outside = compute(&[t], &ranges, 0);
+        assert_eq!((outside.ranges_found, outside.false_alarms), (0, 1));
     }
 
     #[test]

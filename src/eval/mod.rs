@@ -10,7 +10,8 @@
 //! - Rows of the fit range are used for calibration only: no test point is scored with
 //!   anything learnt from the test part (thresholds, statistics, SPOT's initial tail).
 //! - A test point is one (cell, row); it is flagged iff the window ending with its step is
-//!   anomalous. Points without a window (warm-up, too sparse) are not flagged.
+//!   anomalous. Points without a window (warm-up, too sparse) are not flagged. A flagged
+//!   window's spikes are late findings of their own, earlier steps ([`metrics`]).
 //! - The baselines are computed on the same points in the same run, from the same series.
 //! - The report is a function of the inputs, the model and the options (seeded randomness).
 
@@ -170,8 +171,26 @@ struct CellRun {
     flagged: HashMap<i64, bool>,
     /// Window end → (score, threshold; NaN in the fit range), kept only for `--points-csv`.
     scored: HashMap<i64, (f64, f64)>,
-    /// Flagged test windows: (window end, per node the largest entry).
-    attributions: Vec<(i64, NodeScores)>,
+    /// Flagged test windows.
+    attributions: Vec<FlaggedWindow>,
+}
+
+/// A flagged window, for attribution and late findings.
+struct FlaggedWindow {
+    end_ms: i64,
+    /// Start of each step where it found a spike: the spike check tells a spike only once the
+    /// step after it is in, so the window ends later than its spike's step.
+    spikes_ms: Vec<i64>,
+    /// Per node its largest entry, raised by the window's score where a sensor check named it.
+    per_node: NodeScores,
+}
+
+impl FlaggedWindow {
+    /// Whether it flagged a step in `[start_ms, end_ms)`: its own last step or a spike's.
+    fn in_range(&self, start_ms: i64, end_ms: i64, cadence_ms: i64) -> bool {
+        let inside = |t: i64| t >= start_ms && t < end_ms;
+        inside(self.end_ms - cadence_ms) || self.spikes_ms.iter().any(|&t| inside(t))
+    }
 }
 
 /// Runs the evaluation; `tick` receives the number of rows done (for a progress bar).
@@ -391,15 +410,22 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                         // Of the diverged nodes only the furthest: one node's move can nudge
                         // the median its neighbours are measured against.
                         let furthest = score.diverged.first().map(|d| d.slot);
-                        let below = score.below_floor.iter().map(|b| b.slot);
-                        let faulty = faulty.chain(furthest).chain(below);
+                        let beyond = score.below_floor.iter().chain(&score.above_ceiling);
+                        let faulty = faulty.chain(furthest).chain(beyond.map(|b| b.slot));
                         for slot in faulty.chain(score.spikes.iter().map(|s| s.slot)) {
                             match per_node.iter_mut().find(|(n, _)| *n == w.nodes[slot]) {
                                 Some((_, m)) => *m += top,
                                 None => per_node.push((Arc::clone(&w.nodes[slot]), top)),
                             }
                         }
-                        cell.attributions.push((w.end_ms, per_node));
+                        let spikes_ms = (score.spikes.iter())
+                            .map(|s| w.start_ms + s.step as i64 * cadence)
+                            .collect();
+                        cell.attributions.push(FlaggedWindow {
+                            end_ms: w.end_ms,
+                            spikes_ms,
+                            per_node,
+                        });
                     }
                 }
             }
@@ -521,6 +547,10 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                 track.labels.push(by_row || by_range);
                 track.flagged.push(flagged);
             }
+            // A spike is flagged by the windows after it; those windows found its step.
+            track.late = (run.iter().flat_map(|r| &r.attributions))
+                .flat_map(|w| w.spikes_ms.iter().map(|&t| (t, w.end_ms - cadence)))
+                .collect();
             baseline_last.push(last_value_flags(s, &nodes_here, fit_rows, options));
             track_cells.push((si, Arc::clone(cell)));
             tracks.push(track);
@@ -594,6 +624,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
             .enumerate()
             .map(|(i, t)| Track {
                 flagged: flags(i, t),
+                late: Vec::new(),
                 ..t.clone()
             })
             .collect()
@@ -828,11 +859,11 @@ fn attribution(
         };
         let mut totals: NodeScores = Vec::new();
         let mut named = false;
-        for (window_end, per_node) in &run.attributions {
-            let step = window_end - cadence_ms;
-            if step < *start || step >= *end {
+        for flagged in &run.attributions {
+            if !flagged.in_range(*start, *end, cadence_ms) {
                 continue;
             }
+            let per_node = &flagged.per_node;
             let first = per_node
                 .iter()
                 .max_by(|x, y| x.1.total_cmp(&y.1).then(y.0.cmp(&x.0)));
@@ -1003,12 +1034,19 @@ mod tests {
         let cell: Arc<str> = Arc::from("c");
         let scores = |a: f64, b: f64| vec![(Arc::from("a"), a), (Arc::from("b"), b)];
         // Window ends; a window's flagged step is the one before its end.
+        let window = |end: i64, spikes_ms: Vec<i64>, per_node| FlaggedWindow {
+            end_ms: end * CAD,
+            spikes_ms,
+            per_node,
+        };
         let run = CellRun {
             attributions: vec![
-                (2 * CAD, scores(1.0, 3.0)),
-                (3 * CAD, scores(4.0, 0.0)),
-                (5 * CAD, scores(1.0, 2.0)),
-                (6 * CAD, scores(2.0, 0.5)),
+                window(2, vec![], scores(1.0, 3.0)),
+                window(3, vec![], scores(4.0, 0.0)),
+                window(5, vec![], scores(1.0, 2.0)),
+                window(6, vec![], scores(2.0, 0.5)),
+                // Its last step is 8, outside the spike's range; its spike at 7 is inside.
+                window(9, vec![7 * CAD], scores(0.5, 3.0)),
             ],
             ..CellRun::default()
         };
@@ -1027,12 +1065,14 @@ mod tests {
             range("b", "stuck", 4, 6),
             // Nothing flagged inside: not found, not counted.
             range("b", "stuck", 10, 12),
+            // Found by the spike a later window told.
+            range("b", "spike", 7, 8),
         ];
         let a = attribution(&[(0, cell)], &runs, &ranges, CAD);
-        assert_eq!((a.ranges, a.top1, a.named), (2, 1, 2));
-        assert_eq!(a.top1_share, 0.5);
+        assert_eq!((a.ranges, a.top1, a.named), (3, 2, 3));
         assert_eq!(a.named_by_kind["drift"], (1, 1));
         assert_eq!(a.named_by_kind["stuck"], (1, 1));
+        assert_eq!(a.named_by_kind["spike"], (1, 1));
     }
 
     #[test]
