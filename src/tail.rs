@@ -10,7 +10,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message};
 use tokio_util::sync::CancellationToken;
 
-use crate::schema::{AnomalyEvent, Codec, RecordKind, Severity, WireFormat};
+use crate::schema::{AnomalyEvent, BeyondBound, Codec, RecordKind, Severity, WireFormat};
 
 /// Which events to show.
 #[derive(Debug, Clone, Default)]
@@ -67,6 +67,15 @@ pub fn event_line(e: &AnomalyEvent) -> String {
 
 /// An event as one JSON object, for scripts.
 pub fn event_json(e: &AnomalyEvent) -> String {
+    let bounds = |items: &[BeyondBound], bound_field: &str| {
+        let item = |b: &BeyondBound| {
+            let mut o =
+                serde_json::json!({"node_id": b.node_id, "channel": b.channel, "value": b.value});
+            o[bound_field] = b.bound.into();
+            o
+        };
+        items.iter().map(item).collect::<Vec<_>>()
+    };
     let contributors: Vec<serde_json::Value> = e
         .contributors
         .iter()
@@ -113,18 +122,8 @@ pub fn event_json(e: &AnomalyEvent) -> String {
             "usual": d.usual,
             "deviation": d.deviation,
         })).collect::<Vec<_>>(),
-        "below_floor": e.below_floor.iter().map(|b| serde_json::json!({
-            "node_id": b.node_id,
-            "channel": b.channel,
-            "value": b.value,
-            "floor": b.floor,
-        })).collect::<Vec<_>>(),
-        "above_ceiling": e.above_ceiling.iter().map(|b| serde_json::json!({
-            "node_id": b.node_id,
-            "channel": b.channel,
-            "value": b.value,
-            "ceiling": b.ceiling,
-        })).collect::<Vec<_>>(),
+        "below_floor": bounds(&e.below_floor, "floor"),
+        "above_ceiling": bounds(&e.above_ceiling, "ceiling"),
     })
     .to_string()
 }
@@ -214,6 +213,25 @@ mod tests {
             event_line(&event("line-1", Severity::Low)),
             "1970-01-01T00:00:16Z  line-1   LOW      score   12.50 / 10.00  n1 temperature 80%"
         );
+    }
+
+    #[test]
+    fn json_names_each_bound_by_its_side() {
+        let beyond = |bound| BeyondBound {
+            node_id: "n1".into(),
+            channel: "speed".into(),
+            value: 40.0,
+            bound,
+        };
+        let e = AnomalyEvent {
+            below_floor: vec![beyond(55.0)],
+            above_ceiling: vec![beyond(35.0)],
+            ..AnomalyEvent::sample("c", 16_000)
+        };
+        let json: serde_json::Value = serde_json::from_str(&event_json(&e)).unwrap();
+        assert_eq!(json["below_floor"][0]["floor"], 55.0);
+        assert_eq!(json["above_ceiling"][0]["ceiling"], 35.0);
+        assert_eq!(json["above_ceiling"][0]["node_id"], "n1");
     }
 
     #[test]

@@ -338,6 +338,12 @@ impl Detector {
     /// The event for `window` scored `score` against `threshold` (its severity at least LOW).
     pub fn event(&self, window: &Window, score: &Score, threshold: f64) -> AnomalyEvent {
         let severity = severity(score.score, threshold).unwrap_or(Severity::Low);
+        let beyond = |b: &floor::Beyond| crate::schema::BeyondBound {
+            node_id: window.nodes[b.slot].to_string(),
+            channel: self.channels[b.channel].clone(),
+            value: b.value,
+            bound: b.bound,
+        };
         let total: f64 = score.entries.iter().map(|e| e.2).sum();
         let mut ranked = score.entries.clone();
         // Largest first; ties broken by slot and channel so the order is deterministic.
@@ -405,26 +411,8 @@ impl Detector {
                     deviation: d.deviation,
                 })
                 .collect(),
-            below_floor: score
-                .below_floor
-                .iter()
-                .map(|b| crate::schema::BelowFloor {
-                    node_id: window.nodes[b.slot].to_string(),
-                    channel: self.channels[b.channel].clone(),
-                    value: b.value,
-                    floor: b.bound,
-                })
-                .collect(),
-            above_ceiling: score
-                .above_ceiling
-                .iter()
-                .map(|b| crate::schema::AboveCeiling {
-                    node_id: window.nodes[b.slot].to_string(),
-                    channel: self.channels[b.channel].clone(),
-                    value: b.value,
-                    ceiling: b.bound,
-                })
-                .collect(),
+            below_floor: score.below_floor.iter().map(beyond).collect(),
+            above_ceiling: score.above_ceiling.iter().map(beyond).collect(),
         }
     }
 }

@@ -20,8 +20,8 @@ pub mod fast;
 pub mod records;
 
 pub use records::{
-    AboveCeiling, AnomalyEvent, BelowFloor, Channel, Contributor, Diverged, Flatline, Incident,
-    IncidentStatus, Reading, Severity, ShapeError, SpatialNode, Spike,
+    AnomalyEvent, BeyondBound, Channel, Contributor, Diverged, Flatline, Incident, IncidentStatus,
+    Reading, Severity, ShapeError, SpatialNode, Spike,
 };
 
 /// Largest allocation a single Avro length prefix may ask for; a hostile payload claiming a
@@ -405,19 +405,17 @@ mod tests {
             deviation: 1.25,
         }];
         assert_eq!(round_trip(&event), event);
-        event.below_floor = vec![BelowFloor {
-            node_id: "n".into(),
-            channel: "speed".into(),
-            value: 21.5,
-            floor: 58.0,
-        }];
+        let beyond = |value, bound| {
+            vec![BeyondBound {
+                node_id: "n".into(),
+                channel: "speed".into(),
+                value,
+                bound,
+            }]
+        };
+        event.below_floor = beyond(21.5, 58.0);
         assert_eq!(round_trip(&event), event);
-        event.above_ceiling = vec![AboveCeiling {
-            node_id: "n".into(),
-            channel: "speed".into(),
-            value: 81.5,
-            ceiling: 68.0,
-        }];
+        event.above_ceiling = beyond(81.5, 68.0);
         assert_eq!(round_trip(&event), event);
     }
 

@@ -105,9 +105,9 @@ pub struct AnomalyEvent {
     /// Nodes away from their usual level among their cell's nodes (the divergence check).
     pub diverged: Vec<Diverged>,
     /// Nodes far below their floor for the time of day (the floor check).
-    pub below_floor: Vec<BelowFloor>,
+    pub below_floor: Vec<BeyondBound>,
     /// Nodes far above their ceiling for the time of day (the floor check's ceiling).
-    pub above_ceiling: Vec<AboveCeiling>,
+    pub above_ceiling: Vec<BeyondBound>,
 }
 
 #[cfg(test)]
@@ -170,26 +170,48 @@ pub struct Diverged {
     pub deviation: f64,
 }
 
-/// A node/channel pair below its time-of-day floor over the floor check's last steps.
+/// A node/channel pair below its time-of-day floor, or above its ceiling, over the floor
+/// check's last steps. In Avro the bound is the record's `floor` or `ceiling` field.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BelowFloor {
+pub struct BeyondBound {
     pub node_id: String,
     pub channel: String,
     /// The value at the window's last step.
     pub value: f64,
-    /// The floor of that step's time-of-day slot.
-    pub floor: f64,
+    /// The floor or ceiling of that step's time-of-day slot.
+    pub bound: f64,
 }
 
-/// A node/channel pair above its time-of-day ceiling over the floor check's last steps.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AboveCeiling {
-    pub node_id: String,
-    pub channel: String,
-    /// The value at the window's last step.
-    pub value: f64,
-    /// The ceiling of that step's time-of-day slot.
-    pub ceiling: f64,
+impl BeyondBound {
+    /// Avro records, with the bound under `bound_field`.
+    fn to_values(items: &[Self], bound_field: &str) -> Value {
+        let record = |b: &Self| {
+            Value::Record(vec![
+                ("node_id".into(), Value::String(b.node_id.clone())),
+                ("channel".into(), Value::String(b.channel.clone())),
+                ("value".into(), Value::Double(b.value)),
+                (bound_field.into(), Value::Double(b.bound)),
+            ])
+        };
+        Value::Array(items.iter().map(record).collect())
+    }
+
+    /// The records of field `name` of `fields`, with the bound under `bound_field`; none when
+    /// the field is absent (events written before its check existed).
+    fn from_values(
+        fields: &Fields<'_>,
+        name: &'static str,
+        bound_field: &'static str,
+    ) -> Result<Vec<Self>, ShapeError> {
+        fields.records_or_empty(name, |b| {
+            Ok(Self {
+                node_id: b.string("node_id")?,
+                channel: b.string("channel")?,
+                value: b.double("value")?,
+                bound: b.double(bound_field)?,
+            })
+        })
+    }
 }
 
 /// A node/channel pair that read exactly one value over the flatline check's last steps.
@@ -610,35 +632,11 @@ impl AnomalyEvent {
             ),
             (
                 "below_floor".into(),
-                Value::Array(
-                    self.below_floor
-                        .iter()
-                        .map(|b| {
-                            Value::Record(vec![
-                                ("node_id".into(), Value::String(b.node_id.clone())),
-                                ("channel".into(), Value::String(b.channel.clone())),
-                                ("value".into(), Value::Double(b.value)),
-                                ("floor".into(), Value::Double(b.floor)),
-                            ])
-                        })
-                        .collect(),
-                ),
+                BeyondBound::to_values(&self.below_floor, "floor"),
             ),
             (
                 "above_ceiling".into(),
-                Value::Array(
-                    self.above_ceiling
-                        .iter()
-                        .map(|b| {
-                            Value::Record(vec![
-                                ("node_id".into(), Value::String(b.node_id.clone())),
-                                ("channel".into(), Value::String(b.channel.clone())),
-                                ("value".into(), Value::Double(b.value)),
-                                ("ceiling".into(), Value::Double(b.ceiling)),
-                            ])
-                        })
-                        .collect(),
-                ),
+                BeyondBound::to_values(&self.above_ceiling, "ceiling"),
             ),
         ])
     }
@@ -729,22 +727,8 @@ impl AnomalyEvent {
                     deviation: d.double("deviation")?,
                 })
             })?,
-            below_floor: fields.records_or_empty("below_floor", |b| {
-                Ok(BelowFloor {
-                    node_id: b.string("node_id")?,
-                    channel: b.string("channel")?,
-                    value: b.double("value")?,
-                    floor: b.double("floor")?,
-                })
-            })?,
-            above_ceiling: fields.records_or_empty("above_ceiling", |b| {
-                Ok(AboveCeiling {
-                    node_id: b.string("node_id")?,
-                    channel: b.string("channel")?,
-                    value: b.double("value")?,
-                    ceiling: b.double("ceiling")?,
-                })
-            })?,
+            below_floor: BeyondBound::from_values(&fields, "below_floor", "floor")?,
+            above_ceiling: BeyondBound::from_values(&fields, "above_ceiling", "ceiling")?,
         })
     }
 }

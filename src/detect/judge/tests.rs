@@ -111,7 +111,7 @@ fn a_node_below_its_floor_makes_the_window_anomalous_and_its_floors_move_with_th
     assert_eq!(
         (
             event.below_floor[0].node_id.as_str(),
-            event.below_floor[0].floor
+            event.below_floor[0].bound
         ),
         ("z", 12.0)
     );
@@ -156,7 +156,7 @@ fn a_node_above_its_ceiling_makes_the_window_anomalous_and_its_ceilings_move_wit
     assert!(event.below_floor.is_empty());
     assert_eq!(event.above_ceiling.len(), 1, "{:?}", event.above_ceiling);
     let above = &event.above_ceiling[0];
-    assert_eq!((above.node_id.as_str(), above.ceiling), ("z", 12.0));
+    assert_eq!((above.node_id.as_str(), above.bound), ("z", 12.0));
 
     // Saved beside the floors and taken over with them.
     let state = judge.cell_state("c", 0, false).unwrap();
