@@ -80,7 +80,13 @@ pub fn event_json(e: &AnomalyEvent) -> String {
         .contributors
         .iter()
         .map(|c| {
-            serde_json::json!({"node_id": c.node_id, "channel": c.channel, "share": c.share, "score": c.score})
+            serde_json::json!({
+                "node_id": c.node_id,
+                "channel": c.channel,
+                "share": c.share,
+                "score": c.score,
+                "peak_at": c.peak_at_ms.map(utc),
+            })
         })
         .collect();
     serde_json::json!({
@@ -216,7 +222,7 @@ mod tests {
     }
 
     #[test]
-    fn json_names_each_bound_by_its_side() {
+    fn json_names_each_bound_by_its_side_and_each_contributors_peak() {
         let beyond = |bound| BeyondBound {
             node_id: "n1".into(),
             channel: "speed".into(),
@@ -232,6 +238,7 @@ mod tests {
         assert_eq!(json["below_floor"][0]["floor"], 55.0);
         assert_eq!(json["above_ceiling"][0]["ceiling"], 35.0);
         assert_eq!(json["above_ceiling"][0]["node_id"], "n1");
+        assert_eq!(json["contributors"][0]["peak_at"], "1970-01-01T00:00:15Z");
     }
 
     #[test]

@@ -171,10 +171,10 @@ fn golden_vectors_agree_with_ort_padding_and_scoring() {
                 "window {wi}: {} vs {want}",
                 score.score
             );
-            for (ni, fi, e) in &score.entries {
-                let want =
-                    errors[(wi * n_max + ni) * f + fi].expect("observed entries have errors");
-                assert!((e - want).abs() < tolerance * want.max(1.0));
+            for e in &score.entries {
+                let want = errors[(wi * n_max + e.slot) * f + e.channel]
+                    .expect("observed entries have errors");
+                assert!((e.error - want).abs() < tolerance * want.max(1.0));
             }
             let excluded = (0..n * f)
                 .filter(|i| errors[wi * n_max * f + i].is_none())

@@ -6,6 +6,8 @@
 //!   `(reconstruction − normalised value)² / error_scale[c]`, normalised with the contract's
 //!   channel statistics; entries never observed there are left out;
 //!   the window's score is the largest `e[n,c]`. A window with no observed scored entry scores 0.
+//!   Each entry also names its *peak step*, the scored step with its largest squared error (the
+//!   earliest of equals): where in the window the deviation is.
 //! - With `[detect] flatline_steps` = k > 0, a node/channel observed at each of the window's last
 //!   k steps with bit-identical values is *flatlined*; a window with one is anomalous whatever
 //!   its score, and its event lists them. Like the score, this is a function of the window only.
@@ -72,8 +74,8 @@ pub fn severity(score: f64, threshold: f64) -> Option<Severity> {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Score {
     pub score: f64,
-    /// `(node slot, channel, e[n,c])` for every entry observed in the scored steps.
-    pub entries: Vec<(usize, usize, f64)>,
+    /// Every node/channel observed in the scored steps.
+    pub entries: Vec<Entry>,
     /// `(node slot, channel, value)` of every flatlined entry.
     pub flat: Vec<(usize, usize, f32)>,
     /// Every spike found in the checked steps.
@@ -99,6 +101,17 @@ impl Score {
             || !self.below_floor.is_empty()
             || !self.above_ceiling.is_empty()
     }
+}
+
+/// One node/channel's part in a window's score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Entry {
+    pub slot: usize,
+    pub channel: usize,
+    /// `e[n,c]`: its mean scaled squared error over the scored steps where it was observed.
+    pub error: f64,
+    /// The step of the window with its largest squared error.
+    pub peak_step: usize,
 }
 
 /// One value of a window that stands out from both its neighbouring steps.
@@ -230,6 +243,7 @@ impl Detector {
         let f = self.channels.len();
         let mut sums = vec![0.0f64; n * f];
         let mut counts = vec![0u32; n * f];
+        let mut peaks = vec![(0usize, f64::NEG_INFINITY); n * f];
         for t in self.window_steps - self.scored_steps..self.window_steps {
             for i in 0..n * f {
                 let at = t * n * f + i;
@@ -238,16 +252,25 @@ impl Detector {
                     let (mean, std) = self.normalisation[i % f];
                     let value = (f64::from(window.values[at]) - mean) / std;
                     let diff = f64::from(reconstruction[at]) - value;
-                    sums[i] += diff * diff / self.error_scale[i % f];
+                    let error = diff * diff / self.error_scale[i % f];
+                    sums[i] += error;
                     counts[i] += 1;
+                    if error > peaks[i].1 {
+                        peaks[i] = (t, error);
+                    }
                 }
             }
         }
-        let entries: Vec<(usize, usize, f64)> = (0..n * f)
+        let entries: Vec<Entry> = (0..n * f)
             .filter(|&i| counts[i] > 0)
-            .map(|i| (i / f, i % f, sums[i] / f64::from(counts[i])))
+            .map(|i| Entry {
+                slot: i / f,
+                channel: i % f,
+                error: sums[i] / f64::from(counts[i]),
+                peak_step: peaks[i].0,
+            })
             .collect();
-        let score = entries.iter().map(|e| e.2).fold(0.0, f64::max);
+        let score = entries.iter().map(|e| e.error).fold(0.0, f64::max);
         let flat = self.flatlined(window);
         let spikes = self.spikes(window);
         Score {
@@ -344,18 +367,23 @@ impl Detector {
             value: b.value,
             bound: b.bound,
         };
-        let total: f64 = score.entries.iter().map(|e| e.2).sum();
+        let total: f64 = score.entries.iter().map(|e| e.error).sum();
         let mut ranked = score.entries.clone();
         // Largest first; ties broken by slot and channel so the order is deterministic.
-        ranked.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+        ranked.sort_by(|a, b| {
+            (b.error.total_cmp(&a.error))
+                .then(a.slot.cmp(&b.slot))
+                .then(a.channel.cmp(&b.channel))
+        });
         let contributors = ranked
             .iter()
             .take(self.top_contributors)
-            .map(|&(node, channel, e)| Contributor {
-                node_id: window.nodes[node].to_string(),
-                channel: self.channels[channel].clone(),
-                share: if total > 0.0 { e / total } else { 0.0 },
-                score: e,
+            .map(|e| Contributor {
+                node_id: window.nodes[e.slot].to_string(),
+                channel: self.channels[e.channel].clone(),
+                share: if total > 0.0 { e.error / total } else { 0.0 },
+                score: e.error,
+                peak_at_ms: Some(window.start_ms + e.peak_step as i64 * self.cadence_ms),
             })
             .collect();
         AnomalyEvent {
@@ -527,7 +555,15 @@ mod tests {
         // Node 1 channel b is unobserved: any error there is ignored.
         recon[8 + 3] = 50.0;
         let s = detector.score(&w, &recon);
-        assert_eq!(s.entries, vec![(0, 0, 0.0), (0, 1, 2.5), (1, 0, 0.5)]);
+        let entries: Vec<_> = (s.entries.iter())
+            .map(|e| (e.slot, e.channel, e.error, e.peak_step))
+            .collect();
+        // Peak steps: node 0 b at step 2 (16 > 4); node 0 a has no error, so its first scored
+        // step; node 1 a at step 2.
+        assert_eq!(
+            entries,
+            vec![(0, 0, 0.0, 1), (0, 1, 2.5, 2), (1, 0, 0.5, 2)]
+        );
         assert_eq!(s.score, 2.5);
     }
 
@@ -546,7 +582,10 @@ mod tests {
         // Node 1 channel a: 0.5, now the highest scored entry.
         recon[8 + 2] = 1.0;
         let s = detector.score(&w, &recon);
-        assert_eq!(s.entries, vec![(0, 0, 0.0), (1, 0, 0.5)]);
+        let entries: Vec<_> = (s.entries.iter())
+            .map(|e| (e.slot, e.channel, e.error))
+            .collect();
+        assert_eq!(entries, vec![(0, 0, 0.0), (1, 0, 0.5)]);
         assert_eq!(s.score, 0.5);
         assert!(detector.detect(&w, &recon).1.is_none(), "0.5 < threshold 2");
         // Every channel named must be the model's.

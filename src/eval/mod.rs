@@ -144,6 +144,11 @@ pub struct Attribution {
     pub named: u64,
     /// Per labelled kind: (found ranges, of them named).
     pub named_by_kind: std::collections::BTreeMap<String, (u64, u64)>,
+    /// Flagged windows inside found ranges whose largest model error is the faulted node's.
+    pub top_error_windows: u64,
+    /// Of those, the ones where that error peaks at a step inside the range (the event's
+    /// contributor `peak_at`): the time step attribution, checked against the labels.
+    pub peak_inside: u64,
 }
 
 /// A labelled range of one node, placed on the track of that node's cell.
@@ -183,6 +188,8 @@ struct FlaggedWindow {
     spikes_ms: Vec<i64>,
     /// Per node its largest entry, raised by the window's score where a sensor check named it.
     per_node: NodeScores,
+    /// The node of the window's largest model error, and the start of its peak step.
+    top_error: Option<(Arc<str>, i64)>,
 }
 
 impl FlaggedWindow {
@@ -397,7 +404,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                     }
                     if judgement.anomalous {
                         let mut per_node: NodeScores = Vec::new();
-                        for &(slot, _, e) in &score.entries {
+                        for &crate::detect::Entry { slot, error: e, .. } in &score.entries {
                             match per_node.iter_mut().find(|(n, _)| *n == w.nodes[slot]) {
                                 Some((_, m)) => *m = m.max(e),
                                 None => per_node.push((Arc::clone(&w.nodes[slot]), e)),
@@ -421,10 +428,17 @@ pub fn run(config: &Config, options: &EvalOptions) -> anyhow::Result<Report> {
                         let spikes_ms = (score.spikes.iter())
                             .map(|s| w.start_ms + s.step as i64 * cadence)
                             .collect();
+                        let top_error = (score.entries.iter())
+                            .max_by(|a, b| a.error.total_cmp(&b.error))
+                            .map(|e| {
+                                let at = w.start_ms + e.peak_step as i64 * cadence;
+                                (Arc::clone(&w.nodes[e.slot]), at)
+                            });
                         cell.attributions.push(FlaggedWindow {
                             end_ms: w.end_ms,
                             spikes_ms,
                             per_node,
+                            top_error,
                         });
                     }
                 }
@@ -868,6 +882,12 @@ fn attribution(
                 .iter()
                 .max_by(|x, y| x.1.total_cmp(&y.1).then(y.0.cmp(&x.0)));
             named |= first.is_some_and(|(n, _)| &**n == node.as_str());
+            if let Some((n, at)) = &flagged.top_error
+                && &**n == node.as_str()
+            {
+                a.top_error_windows += 1;
+                a.peak_inside += u64::from(*at >= *start && *at < *end);
+            }
             for (n, e) in per_node {
                 match totals.iter_mut().find(|(m, _)| m == n) {
                     Some((_, t)) => *t += e,
@@ -1019,6 +1039,11 @@ pub fn report_text(r: &Report) -> String {
             a.ranges,
             kinds.join(", ")
         );
+        let _ = writeln!(
+            out,
+            "time step: where the faulted node has a window's largest model error, it peaks inside the range in {} of {} windows",
+            a.peak_inside, a.top_error_windows
+        );
     }
     let _ = writeln!(out, "\n({:.1} s)", r.elapsed_s);
     out
@@ -1034,19 +1059,25 @@ mod tests {
         let cell: Arc<str> = Arc::from("c");
         let scores = |a: f64, b: f64| vec![(Arc::from("a"), a), (Arc::from("b"), b)];
         // Window ends; a window's flagged step is the one before its end.
-        let window = |end: i64, spikes_ms: Vec<i64>, per_node| FlaggedWindow {
-            end_ms: end * CAD,
-            spikes_ms,
-            per_node,
+        // `peak`: the step where the window's largest model error peaks.
+        let window = |end: i64, spikes_ms: Vec<i64>, per_node: NodeScores, peak: i64| {
+            let top = per_node.iter().max_by(|x, y| x.1.total_cmp(&y.1)).unwrap();
+            FlaggedWindow {
+                end_ms: end * CAD,
+                spikes_ms,
+                top_error: Some((Arc::clone(&top.0), peak * CAD)),
+                per_node,
+            }
         };
         let run = CellRun {
             attributions: vec![
-                window(2, vec![], scores(1.0, 3.0)),
-                window(3, vec![], scores(4.0, 0.0)),
-                window(5, vec![], scores(1.0, 2.0)),
-                window(6, vec![], scores(2.0, 0.5)),
+                window(2, vec![], scores(1.0, 3.0), 1),
+                // a's largest error, peaking before a's range.
+                window(3, vec![], scores(4.0, 0.0), 0),
+                window(5, vec![], scores(1.0, 2.0), 4),
+                window(6, vec![], scores(2.0, 0.5), 5),
                 // Its last step is 8, outside the spike's range; its spike at 7 is inside.
-                window(9, vec![7 * CAD], scores(0.5, 3.0)),
+                window(9, vec![7 * CAD], scores(0.5, 3.0), 7),
             ],
             ..CellRun::default()
         };
@@ -1073,6 +1104,8 @@ mod tests {
         assert_eq!(a.named_by_kind["drift"], (1, 1));
         assert_eq!(a.named_by_kind["stuck"], (1, 1));
         assert_eq!(a.named_by_kind["spike"], (1, 1));
+        // The faulted node's largest error in windows 3 (peak at 0, outside), 5 and 9 (inside).
+        assert_eq!((a.top_error_windows, a.peak_inside), (3, 2));
     }
 
     #[test]

@@ -420,6 +420,37 @@ mod tests {
     }
 
     #[test]
+    fn an_event_written_before_peak_at_existed_reads_as_none() {
+        // The event schema as it was before contributors had `peak_at`.
+        let mut json: serde_json::Value = serde_json::from_str(ANOMALY_EVENT_AVSC).unwrap();
+        let contributors = (json["fields"].as_array_mut().unwrap().iter_mut())
+            .find(|f| f["name"] == "contributors")
+            .unwrap();
+        let fields = contributors["type"]["items"]["fields"]
+            .as_array_mut()
+            .unwrap();
+        fields.retain(|f| f["name"] != "peak_at");
+        let old = Schema::parse_str(&json.to_string()).unwrap();
+        let mut value = AnomalyEvent::sample("line-1", 16_000).to_value();
+        if let Value::Record(fields) = &mut value {
+            for (name, field) in fields.iter_mut() {
+                if let (true, Value::Array(items)) = (name == "contributors", field) {
+                    for item in items {
+                        if let Value::Record(c) = item {
+                            c.retain(|(n, _)| n != "peak_at");
+                        }
+                    }
+                }
+            }
+        }
+        let bytes = write_datum(&old, &value).unwrap();
+        let codec = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain).with_plain_writer(old);
+        let event = AnomalyEvent::from_value(&codec.decode(&bytes).unwrap()).unwrap();
+        assert_eq!(event.contributors[0].peak_at_ms, None);
+        assert_eq!(event.contributors[0].node_id, "n1");
+    }
+
+    #[test]
     fn confluent_round_trip() {
         let framed = frame_confluent(0x01020304, b"datum");
         assert_eq!(&framed[..5], &[0, 1, 2, 3, 4]);

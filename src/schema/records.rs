@@ -77,6 +77,9 @@ pub struct Contributor {
     pub channel: String,
     pub share: f64,
     pub score: f64,
+    /// Start of the window's step where this pair's error was largest; `None` in events
+    /// written before gridwatch said so.
+    pub peak_at_ms: Option<i64>,
 }
 
 /// An anomalous window of one cell, as published to the event topic.
@@ -129,6 +132,7 @@ impl AnomalyEvent {
                 channel: "temperature".into(),
                 share: 0.8,
                 score: 12.5,
+                peak_at_ms: Some(window_end_ms - 1_000),
             }],
             model_name: "m".into(),
             model_version: "1".into(),
@@ -313,10 +317,19 @@ impl<'a> Fields<'a> {
     fn opt_long(&self, name: &'static str) -> Result<Option<i64>, ShapeError> {
         match self.get(name)? {
             Value::Null => Ok(None),
-            Value::Long(v) => Ok(Some(*v)),
+            Value::Long(v) | Value::TimestampMillis(v) => Ok(Some(*v)),
             Value::Int(v) => Ok(Some(i64::from(*v))),
             _ => Err(shape(name, "null or a long")),
         }
+    }
+
+    /// As [`Fields::opt_long`], and `None` when the field is absent (data written before the
+    /// field was added).
+    fn added_long(&self, name: &'static str) -> Result<Option<i64>, ShapeError> {
+        if self.get(name).is_err() {
+            return Ok(None);
+        }
+        self.opt_long(name)
     }
 
     fn opt_double(&self, name: &'static str) -> Result<Option<f64>, ShapeError> {
@@ -549,6 +562,12 @@ impl AnomalyEvent {
                                 ("channel".into(), Value::String(c.channel.clone())),
                                 ("share".into(), Value::Double(c.share)),
                                 ("score".into(), Value::Double(c.score)),
+                                (
+                                    "peak_at".into(),
+                                    opt_union(c.peak_at_ms.as_ref(), |&t| {
+                                        Value::TimestampMillis(t)
+                                    }),
+                                ),
                             ])
                         })
                         .collect(),
@@ -660,6 +679,7 @@ impl AnomalyEvent {
                     channel: c.string("channel")?,
                     share: c.double("share")?,
                     score: c.double("score")?,
+                    peak_at_ms: c.added_long("peak_at")?,
                 })
             })
             .collect::<Result<_, ShapeError>>()?;
