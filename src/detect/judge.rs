@@ -56,8 +56,8 @@ struct CellThreshold {
 
 /// What a judge keeps across a graceful restart (`[detect] state_file`) and hands a cell's next
 /// owner (`[detect.changelog]`): the divergence baselines (a day to learn), the floors and
-/// ceilings (days) and the SPOT thresholds (`spot_init_windows` windows to fit); to the next owner also the
-/// incidents, pending or open, so that an incident goes on under its id.
+/// ceilings (days) and the SPOT thresholds (`spot_init_windows` windows to fit); to the next
+/// owner also the incidents, pending or open, so that an incident goes on under its id.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct JudgeState {
     /// The model channels the baselines' channel indices refer to.
