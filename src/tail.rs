@@ -35,7 +35,8 @@ pub fn utc(ms: i64) -> String {
 }
 
 /// One readable line for an event: window end, cell, severity, score vs threshold, top
-/// contributors (for a silent cell's CLOSE, since when it has been silent).
+/// contributors (for a silent cell's CLOSE, since when it has been silent), and the sensor
+/// checks that fired, which make a window anomalous whatever its score.
 pub fn event_line(e: &AnomalyEvent) -> String {
     let mut contributors: Vec<String> = e
         .contributors
@@ -45,6 +46,37 @@ pub fn event_line(e: &AnomalyEvent) -> String {
     // The CLOSE of a cell that fell silent stands for no readings at all.
     if e.node_count == 0 {
         contributors.push(format!("no readings since {}", utc(e.window_start_ms)));
+    }
+    let checks: Vec<String> = (e.flatlined.iter())
+        .map(|f| format!("stuck {} {} at {}", f.node_id, f.channel, f.value))
+        .chain(e.spikes.iter().map(|s| {
+            format!(
+                "spike {} {} {} at {}",
+                s.node_id,
+                s.channel,
+                s.value,
+                utc(s.at_ms)
+            )
+        }))
+        .chain(e.diverged.iter().map(|d| {
+            let off = d.level - d.usual;
+            format!("diverged {} {} {off:+.1} from usual", d.node_id, d.channel)
+        }))
+        .chain(e.below_floor.iter().map(|b| {
+            format!(
+                "below floor {} {} {} < {}",
+                b.node_id, b.channel, b.value, b.bound
+            )
+        }))
+        .chain(e.above_ceiling.iter().map(|b| {
+            format!(
+                "above ceiling {} {} {} > {}",
+                b.node_id, b.channel, b.value, b.bound
+            )
+        }))
+        .collect();
+    if !checks.is_empty() {
+        contributors.push(format!("checks: {}", checks.join("; ")));
     }
     let incident = e.incident.as_ref().map_or(String::new(), |i| {
         format!(
@@ -239,6 +271,29 @@ mod tests {
         assert_eq!(json["above_ceiling"][0]["ceiling"], 35.0);
         assert_eq!(json["above_ceiling"][0]["node_id"], "n1");
         assert_eq!(json["contributors"][0]["peak_at"], "1970-01-01T00:00:15Z");
+    }
+
+    #[test]
+    fn a_line_names_the_checks_that_fired() {
+        let e = AnomalyEvent {
+            flatlined: vec![crate::schema::Flatline {
+                node_id: "n2".into(),
+                channel: "speed".into(),
+                value: 61.5,
+            }],
+            above_ceiling: vec![BeyondBound {
+                node_id: "n3".into(),
+                channel: "speed".into(),
+                value: 81.0,
+                bound: 68.0,
+            }],
+            ..event("road-7", Severity::Low)
+        };
+        assert_eq!(
+            event_line(&e),
+            "1970-01-01T00:00:16Z  road-7   LOW      score   12.50 / 10.00  n1 temperature 80%, \
+             checks: stuck n2 speed at 61.5; above ceiling n3 speed 81 > 68"
+        );
     }
 
     #[test]
