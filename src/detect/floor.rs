@@ -95,8 +95,8 @@ impl Default for FloorConfig {
 }
 
 impl FloorConfig {
-    /// Refuses a factor or ceiling that is not a positive number, 0 steps, a slot that does
-    /// not divide a day, or `days` outside 1..=`keep_days`.
+    /// Refuses a factor or ceiling that is not a positive number, a ceiling not above the
+    /// factor, 0 steps, a slot that does not divide a day, or `days` outside 1..=`keep_days`.
     pub fn validate(&self) -> Result<(), SettingError> {
         if !(self.factor.is_finite() && self.factor > 0.0) {
             return Err(SettingError("factor must be a positive share of the floor"));
@@ -104,6 +104,11 @@ impl FloorConfig {
         if self.ceiling.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
             return Err(SettingError(
                 "ceiling must be a positive multiple of the highest value",
+            ));
+        }
+        if self.ceiling.is_some_and(|c| c <= self.factor) {
+            return Err(SettingError(
+                "ceiling must be above factor (e.g. 1.05 with 0.85): a lower one flags most values",
             ));
         }
         if self.steps == 0 {
@@ -518,6 +523,7 @@ mod tests {
     #[test]
     fn config_is_validated() {
         assert!(FloorConfig::default().validate().is_ok());
+        assert!(with_ceiling().validate().is_ok());
         let bad = [
             FloorConfig {
                 factor: 0.0,
@@ -541,6 +547,10 @@ mod tests {
             },
             FloorConfig {
                 ceiling: Some(f64::NAN),
+                ..FloorConfig::default()
+            },
+            FloorConfig {
+                ceiling: Some(0.8),
                 ..FloorConfig::default()
             },
         ];
