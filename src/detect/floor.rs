@@ -240,39 +240,34 @@ impl Bounds {
         }
     }
 
-    /// Judges one node/channel of `window` against its bounds, then learns from it: the last
-    /// value and its bound when each of the last `config.steps` steps is beyond its bound.
+    /// Judges one node/channel of the window `steps` places against its bounds, then learns
+    /// from it: the last value and its bound when each of the last `config.steps` steps is
+    /// beyond its bound.
     fn observe(
         &mut self,
         config: &FloorConfig,
-        window: &Window,
+        steps: &Steps<'_>,
         node: usize,
         channel: usize,
-        channels: usize,
     ) -> Option<Beyond> {
-        let n = window.node_count();
-        let steps = window.values.len() / (n * channels).max(1);
-        let cadence = (window.end_ms - window.start_ms) / steps as i64;
-        let slot_ms = config.slot_ms();
-        let slots = (DAY_MS / slot_ms) as usize;
-        let checked = config.steps.min(steps);
+        let window = steps.window;
+        let (n, count) = (window.node_count(), steps.at.len());
+        let checked = config.steps.min(count);
         let key = (Arc::clone(&window.nodes[node]), channel);
+        let slots = steps.slots;
         let bounds = (self.nodes.entry(key)).or_insert_with(|| vec![SlotDays::default(); slots]);
         let mut beyond = 0;
         let mut last = None;
-        for t in 0..steps {
-            let at = (t * n + node) * channels + channel;
+        for (t, &(day, slot)) in steps.at.iter().enumerate() {
+            let at = (t * n + node) * steps.channels + channel;
             if window.mask[at] <= 0.0 {
                 continue;
             }
             let value = window.values[at];
-            let start = window.start_ms + t as i64 * cadence;
-            let day = start.div_euclid(DAY_MS);
-            let slot = (start.rem_euclid(DAY_MS) / slot_ms) as usize;
             let bound = bounds[slot].bound(self.side, day, config.days, config.keep_days);
             match bound {
                 Some(b) if self.side.beyond(value, b, self.factor) => {
-                    if t >= steps - checked {
+                    if t >= count - checked {
                         beyond += 1;
                         last = Some((value, b));
                     }
@@ -287,6 +282,37 @@ impl Bounds {
             value: f64::from(value),
             bound: f64::from(bound),
         })
+    }
+}
+
+/// Where one window's steps fall, worked out once for every node/channel and both bounds.
+struct Steps<'a> {
+    window: &'a Window,
+    /// Model channels per node.
+    channels: usize,
+    /// Per step, its UTC day and its time-of-day slot.
+    at: Vec<(i64, usize)>,
+    /// Slots in a day.
+    slots: usize,
+}
+
+impl<'a> Steps<'a> {
+    fn new(window: &'a Window, channels: usize, slot_ms: i64) -> Self {
+        let count = window.values.len() / (window.node_count() * channels).max(1);
+        let cadence = (window.end_ms - window.start_ms) / count.max(1) as i64;
+        let at = (0..count as i64)
+            .map(|t| {
+                let start = window.start_ms + t * cadence;
+                let slot = start.rem_euclid(DAY_MS) / slot_ms;
+                (start.div_euclid(DAY_MS), slot as usize)
+            })
+            .collect();
+        Self {
+            window,
+            channels,
+            at,
+            slots: (DAY_MS / slot_ms) as usize,
+        }
     }
 }
 
@@ -357,14 +383,14 @@ impl Floors {
         if window.values.len() < n * f || n * f == 0 {
             return found;
         }
+        let steps = Steps::new(window, f, self.config.slot_ms());
         for node in 0..n {
             for c in 0..f {
-                let below = self.floors.observe(&self.config, window, node, c, f);
+                let below = self.floors.observe(&self.config, &steps, node, c);
                 found.below_floor.extend(below);
                 if let Some(ceilings) = self.ceilings.as_mut() {
-                    found
-                        .above_ceiling
-                        .extend(ceilings.observe(&self.config, window, node, c, f));
+                    let above = ceilings.observe(&self.config, &steps, node, c);
+                    found.above_ceiling.extend(above);
                 }
             }
         }

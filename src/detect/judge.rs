@@ -20,7 +20,7 @@
 //!   instance's too: after a restart mid-incident the incident is opened again, under the id of
 //!   the first anomalous window the new instance sees.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -386,7 +386,7 @@ impl Judge {
     fn restore_floors(
         &mut self,
         channels: &[String],
-        floors: BTreeMap<String, Vec<FloorEntry>>,
+        mut floors: BTreeMap<String, Vec<FloorEntry>>,
         mut ceilings: BTreeMap<String, Vec<FloorEntry>>,
     ) -> Result<usize, String> {
         if floors.is_empty() && ceilings.is_empty() {
@@ -396,24 +396,15 @@ impl Judge {
             return Err("[detect.floor] is off".into());
         };
         self.has_channels(channels)?;
-        let mut cells: BTreeMap<String, (Vec<FloorEntry>, Vec<FloorEntry>)> = BTreeMap::new();
-        for (cell, entries) in floors {
-            let highs = ceilings.remove(&cell).unwrap_or_default();
-            cells.insert(cell, (entries, highs));
-        }
-        cells.extend(
-            ceilings
-                .into_iter()
-                .map(|(cell, highs)| (cell, (Vec::new(), highs))),
-        );
+        let cells: BTreeSet<String> = floors.keys().chain(ceilings.keys()).cloned().collect();
         let mut restored = 0;
-        for (cell, (lows, highs)) in cells {
-            let mut floors = self.detector.floors(&config);
-            floors.adopt(lows);
-            floors.adopt_ceilings(highs);
-            if !floors.is_empty() {
+        for cell in cells {
+            let mut bounds = self.detector.floors(&config);
+            bounds.adopt(floors.remove(&cell).unwrap_or_default());
+            bounds.adopt_ceilings(ceilings.remove(&cell).unwrap_or_default());
+            if !bounds.is_empty() {
                 restored += 1;
-                self.adopt_floors(&Arc::from(cell), floors);
+                self.adopt_floors(&Arc::from(cell), bounds);
             }
         }
         if restored == 0 {
