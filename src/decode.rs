@@ -143,8 +143,8 @@ impl Decoder {
     }
 
     /// [`Decoder::decode`] into `out`, whose memory is reused from one message to the next
-    /// (the consuming loop's path: no allocation per reading once warm). `out` holds the
-    /// message's readings on success and none on failure.
+    /// (no allocation per reading once warm). `out` holds the message's readings on success
+    /// and none on failure.
     pub fn decode_into(
         &self,
         kind: PayloadKind,
@@ -152,6 +152,17 @@ impl Decoder {
         out: &mut Readings,
     ) -> Result<(), DecodeError> {
         out.clear();
+        self.decode_append(kind, payload, out)
+    }
+
+    /// [`Decoder::decode`], appended to `out` (the consuming loop's path, which gathers the
+    /// readings of many messages in one buffer); on failure nothing is appended.
+    pub fn decode_append(
+        &self,
+        kind: PayloadKind,
+        payload: Option<&[u8]>,
+        out: &mut Readings,
+    ) -> Result<(), DecodeError> {
         let payload = payload.ok_or(DecodeError::NoPayload)?;
         if let Some(datum) = self.fast_datum(kind, payload) {
             if datum.is_empty() {

@@ -295,6 +295,15 @@ impl SourcePartitions {
         id
     }
 
+    /// How many ids have been handed out.
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
     pub fn pair(&self, id: i32) -> &(String, i32) {
         &self.pairs[id as usize]
     }

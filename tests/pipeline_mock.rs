@@ -444,6 +444,121 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
     fixture.close();
 }
 
+/// A topic of single-reading messages, spread over three partitions, is read in chunks beside
+/// the consuming loop: every valid reading is accepted, in the same windows and events as the
+/// batches give, and a refused message's dead letter carries that message's own bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_reading_messages_dead_letter_their_own_bytes() {
+    const SINGLES: &str = "single-readings";
+    let fixture = Fixture::new().await;
+    fixture.cluster.create_topic(SINGLES, 3, 1).unwrap();
+    let mut config = config(&fixture.bootstrap);
+    config.source.topics = vec![TopicConfig {
+        name: SINGLES.into(),
+        payload: PayloadKind::Reading,
+    }];
+    config.validate().unwrap();
+
+    let codec = Codec::new(RecordKind::Reading, WireFormat::Plain);
+    let (mut produced, mut valid) = (0u64, 0u64);
+    let mut bad = Vec::new();
+    for (step, cells) in steps().into_iter().enumerate() {
+        for (cell, readings) in &cells {
+            for reading in readings {
+                let payload = codec.encode(&reading.to_value()).unwrap();
+                common::produce(&fixture.producer, SINGLES, cell, &payload).await;
+                produced += 1;
+                valid += 1;
+            }
+        }
+        if step == 100 {
+            let (cell, readings) = &cells[0];
+            let mut unknown = readings[0].clone();
+            unknown.node_id = "ghost".into();
+            let mut nan = readings[1].clone();
+            nan.values[0].1 = f64::NAN;
+            let cases = [
+                (DeadLetterReason::Undecodable, b"\x02\xffnot avro".to_vec()),
+                (
+                    DeadLetterReason::UnknownNode,
+                    codec.encode(&unknown.to_value()).unwrap(),
+                ),
+                (
+                    DeadLetterReason::InvalidValue,
+                    codec.encode(&nan.to_value()).unwrap(),
+                ),
+            ];
+            for (reason, payload) in cases {
+                let (partition, offset) =
+                    common::produce(&fixture.producer, SINGLES, cell, &payload).await;
+                produced += 1;
+                bad.push((reason, partition, offset, payload));
+            }
+        }
+    }
+
+    let (stats, cancel, task) = start(&config);
+    let want = reference_events(&config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = stats.snapshot();
+        if s.messages_consumed == produced
+            && s.windows_emitted > 0
+            && s.windows_scored == s.windows_emitted
+            && stats.events_total() as usize >= want.len()
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "stalled: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let s = stats.snapshot();
+    assert_eq!(s.readings_accepted, valid);
+    assert_eq!(s.dead_lettered, bad.len() as u64);
+
+    let codec_events = Codec::new(RecordKind::AnomalyEvent, WireFormat::Plain);
+    let mut got: Vec<AnomalyEvent> = common::read_all(&fixture.bootstrap, "anomalies")
+        .iter()
+        .map(|m| {
+            AnomalyEvent::from_value(&codec_events.decode(m.payload().unwrap()).unwrap()).unwrap()
+        })
+        .collect();
+    got.sort_by(|a, b| (&a.cell_id, a.window_end_ms).cmp(&(&b.cell_id, b.window_end_ms)));
+    assert_eq!(got.len(), want.len());
+    for (got, want) in got.iter().zip(&want) {
+        assert_same_event(got, want);
+    }
+
+    let letters = common::read_all(&fixture.bootstrap, "gridwatch-dlq");
+    assert_eq!(letters.len(), bad.len());
+    for (reason, partition, offset, payload) in &bad {
+        let letter = letters
+            .iter()
+            .find(|m| {
+                common::header(m, dead_letter_headers::SOURCE_OFFSET) == Some(offset.to_string())
+                    && common::header(m, dead_letter_headers::SOURCE_PARTITION)
+                        == Some(partition.to_string())
+            })
+            .unwrap_or_else(|| panic!("no dead letter for {reason:?} at {partition}/{offset}"));
+        assert_eq!(
+            common::header(letter, dead_letter_headers::REASON).as_deref(),
+            Some(reason.as_str())
+        );
+        assert_eq!(
+            common::header(letter, dead_letter_headers::SOURCE_TOPIC).as_deref(),
+            Some(SINGLES)
+        );
+        assert_eq!(letter.payload(), Some(payload.as_slice()));
+        assert_eq!(
+            common::header(letter, dead_letter_headers::BATCH_INDEX),
+            None
+        );
+    }
+    fixture.close();
+}
+
 /// Starts the pipeline on `config` and returns its stats, cancel token and task.
 fn start(
     config: &Config,

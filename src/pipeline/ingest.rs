@@ -1,34 +1,33 @@
-//! The consuming loop: Kafka messages → decoded readings → registry → per-cell windows, in
-//! order, with the offset ledger's holds; dead letters and ended cells go out beside the
-//! windows. See the parent module for the wiring and `source` for the commit invariant.
+//! The consuming loop: decoded readings → registry → per-cell windows, in order, with the
+//! offset ledger's holds; dead letters and ended cells go out beside the windows. The reading
+//! task (`read.rs`) polls the consumer and decodes beside it. See the parent module for the
+//! wiring and `source` for the commit invariant.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
-use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::BorrowedMessage;
+use rdkafka::consumer::StreamConsumer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::assemble::{Admission, Assembler, Provenance, Window};
 use crate::config::BadInputPolicy;
-use crate::decode::{self, Decoder, PayloadKind};
+use crate::decode;
 use crate::registry::Registry;
-use crate::schema::fast::Readings;
 use crate::schema::{self, DeadLetterReason, RecordKind};
 use crate::sink::DeadLetter;
 use crate::source::{OffsetLedger, SourceContext, SourcePartitions};
 use crate::telemetry::{self, Stats};
 
 use super::commit;
+use super::read::{Chunk, Consumed, Handover, Item, Reader};
 
-/// The consuming half: everything up to and including window assembly runs here, in order.
+/// The consuming half: everything after decoding up to and including window assembly runs
+/// here, in the order the messages were consumed.
 pub(super) struct Ingest {
-    pub(super) decoder: Decoder,
     pub(super) registry: Arc<Registry>,
     pub(super) assembler: Assembler,
+    /// The reading task's ids, handed out here in the same order (`Chunk::partitions`).
     pub(super) partitions: SourcePartitions,
     pub(super) ledger: Arc<Mutex<OffsetLedger>>,
     pub(super) stats: Arc<Stats>,
@@ -39,29 +38,47 @@ pub(super) struct Ingest {
     pub(super) ended: mpsc::UnboundedSender<Ended>,
     pub(super) letters: mpsc::Sender<PendingLetter>,
     pub(super) scratch: Vec<Window>,
-    /// The last message's readings; their memory serves the next message.
-    pub(super) decoded: Readings,
     pub(super) future: decode::FutureLimit,
 }
 
 impl Ingest {
+    /// Runs `reader` on a task of its own and assembles what it reads, committing what the
+    /// ledger allows every `commit_interval`.
     pub(super) async fn run(
         &mut self,
+        reader: Reader,
+        handover: Handover,
+        consumer: &Arc<StreamConsumer<SourceContext>>,
+        commit_interval: Duration,
+        cancel: &CancellationToken,
+        failed: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let stop = cancel.child_token();
+        let reading = tokio::spawn(reader.run(Arc::clone(consumer), stop.clone()));
+        let assembled = self
+            .assemble(handover, consumer, commit_interval, cancel, failed)
+            .await;
+        stop.cancel();
+        // A reader that failed closed its channel, and its error is the cause.
+        reading.await??;
+        assembled
+    }
+
+    async fn assemble(
+        &mut self,
+        handover: Handover,
         consumer: &StreamConsumer<SourceContext>,
         commit_interval: Duration,
         cancel: &CancellationToken,
         failed: &CancellationToken,
     ) -> anyhow::Result<()> {
+        let Handover { mut chunks, spent } = handover;
         let mut ticker = tokio::time::interval(commit_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Made once, not once per message: registering and dropping a waiter on each token for
-        // every message was about a twentieth of the single-reading ingest profile.
+        // Made once, not once per chunk.
         let cancelled = cancel.cancelled();
         let failure = failed.cancelled();
         tokio::pin!(cancelled, failure);
-        // One stream for the whole loop: `recv()` makes a stream per message, which registers
-        // and removes a waker slot under a mutex each time.
-        let mut messages = consumer.stream();
         loop {
             tokio::select! {
                 biased;
@@ -70,18 +87,30 @@ impl Ingest {
                 _ = ticker.tick() => {
                     commit(consumer, &self.ledger, &self.assembler, &self.partitions, &self.stats, false)?;
                 }
-                message = messages.next() => {
-                    // A rebalance is served inside the stream's poll: forget what was revoked
-                    // before handling anything of the new assignment.
-                    self.forget_revoked(consumer);
-                    match message {
-                        Some(Ok(message)) => self.handle(&message).await?,
-                        Some(Err(error)) => tracing::warn!(%error, "Consumer error."),
-                        None => anyhow::bail!("the consumer's message stream ended"),
-                    }
+                chunk = chunks.recv() => {
+                    let Some(mut chunk) = chunk else {
+                        anyhow::bail!("the reading task stopped");
+                    };
+                    self.take(&chunk).await?;
+                    chunk.clear();
+                    // Fails only when the reading task has ended.
+                    let _ = spent.send(chunk);
                 }
             }
         }
+    }
+
+    async fn take(&mut self, chunk: &Chunk) -> anyhow::Result<()> {
+        for (topic, partition) in &chunk.partitions {
+            self.partitions.id(topic, *partition);
+        }
+        for item in &chunk.items {
+            match item {
+                Item::Revoked(ids) => self.forget_revoked(ids),
+                Item::Message(message) => self.handle(chunk, message).await?,
+            }
+        }
+        Ok(())
     }
 
     /// Drops the window state and the commit position of revoked partitions. Their windows
@@ -90,32 +119,36 @@ impl Ingest {
     /// it rebuilds the same windows by replaying without emitting the incomplete ones. The
     /// judging task drops the cells' thresholds, baselines and incidents once it has judged
     /// those windows.
-    fn forget_revoked(&mut self, consumer: &StreamConsumer<SourceContext>) {
-        for (topic, partition) in consumer.context().take_revoked() {
-            let id = self.partitions.id(&topic, partition);
+    fn forget_revoked(&mut self, ids: &[i32]) {
+        for &id in ids {
             let cells = self.assembler.forget_partition(id);
             self.end(cells.into_iter().map(|c| (c, Ending::Revoked)).collect());
             self.ledger.lock().expect("ledger lock").forget(id);
+            let (topic, partition) = self.partitions.pair(id);
             tracing::debug!(topic, partition, "Forgot a revoked partition's windows.");
         }
     }
 
-    async fn handle(&mut self, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
-        let topic = message.topic();
-        let (partition, offset) = (message.partition(), message.offset());
-        let id = self.partitions.id(topic, partition);
+    async fn handle(&mut self, chunk: &Chunk, message: &Consumed) -> anyhow::Result<()> {
+        let Consumed { id, offset, .. } = *message;
+        let partition = self.partitions.pair(id).1;
         let expected = self
             .ledger
             .lock()
             .expect("ledger lock")
             .consumed(id, offset);
         match expected {
-            None => tracing::debug!(topic, partition, offset, "First message since assignment."),
+            None => tracing::debug!(
+                topic = self.partitions.pair(id).0,
+                partition,
+                offset,
+                "First message since assignment."
+            ),
             // Compaction and transaction markers leave gaps too; a gap on a reading topic
             // written without either means the broker skipped records.
             Some(next) if offset > next => {
                 tracing::debug!(
-                    topic,
+                    topic = self.partitions.pair(id).0,
                     partition,
                     offset,
                     expected = next,
@@ -124,55 +157,43 @@ impl Ingest {
             }
             Some(_) => {}
         }
-        let kind = self.partitions.kind(id);
-        // The decode buffer is taken out for this message and put back after it, so that its
-        // memory is reused (an error that ends the job drops it, which costs nothing then).
-        let mut readings = std::mem::take(&mut self.decoded);
-        match self
-            .decoder
-            .decode_into(kind, message.payload(), &mut readings)
-        {
-            Ok(()) => {}
-            Err(error) => {
-                self.decoded = readings;
-                telemetry::message_consumed(&self.stats, self.partitions.messages(id), 0);
-                let letter = DeadLetter {
-                    reason: error.reason(),
-                    error: error.to_string(),
-                    key: message.key().map(<[u8]>::to_vec),
-                    payload: message.payload().map(<[u8]>::to_vec),
-                    topic: topic.to_owned(),
-                    partition,
-                    offset,
-                    batch_index: None,
-                };
-                return self.reject(id, letter).await;
-            }
-        };
-        telemetry::message_consumed(
-            &self.stats,
-            self.partitions.messages(id),
-            readings.as_slice().len(),
-        );
-        let batch = kind == PayloadKind::Batch;
-        for (index, reading) in readings.as_slice().iter().enumerate() {
-            let refused = |reason: DeadLetterReason, error: String| DeadLetter {
+        let readings = &chunk.readings.as_slice()[message.readings.clone()];
+        telemetry::message_consumed(&self.stats, self.partitions.messages(id), readings.len());
+        if let Some(error) = &message.error {
+            let letter = DeadLetter {
+                reason: error.reason(),
+                error: error.to_string(),
+                key: chunk.bytes(&message.key).map(<[u8]>::to_vec),
+                payload: chunk.bytes(&message.payload).map(<[u8]>::to_vec),
+                topic: self.topic(id),
+                partition,
+                offset,
+                batch_index: None,
+            };
+            return self.reject(id, letter).await;
+        }
+        let batch = message.batch;
+        for (index, reading) in readings.iter().enumerate() {
+            let refused = |topic: String, reason: DeadLetterReason, error: String| DeadLetter {
                 reason,
                 error,
-                key: message.key().map(<[u8]>::to_vec),
+                key: chunk.bytes(&message.key).map(<[u8]>::to_vec),
                 payload: if batch {
                     schema::write_datum(RecordKind::Reading.schema(), &reading.to_value()).ok()
                 } else {
-                    message.payload().map(<[u8]>::to_vec)
+                    chunk.bytes(&message.payload).map(<[u8]>::to_vec)
                 },
-                topic: topic.to_owned(),
+                topic,
                 partition,
                 offset,
                 batch_index: batch.then_some(index),
             };
             if let Err(error) = decode::validate(reading) {
-                self.reject(id, refused(error.reason(), error.to_string()))
-                    .await?;
+                self.reject(
+                    id,
+                    refused(self.topic(id), error.reason(), error.to_string()),
+                )
+                .await?;
                 continue;
             }
             if !self
@@ -183,8 +204,11 @@ impl Ingest {
                     "event time {} is more than [assemble] max_future ahead of the wall clock",
                     reading.event_time_ms
                 );
-                self.reject(id, refused(DeadLetterReason::InvalidValue, error))
-                    .await?;
+                self.reject(
+                    id,
+                    refused(self.topic(id), DeadLetterReason::InvalidValue, error),
+                )
+                .await?;
                 continue;
             }
             let Some(node) = self.registry.lookup(&reading.node_id) else {
@@ -192,8 +216,11 @@ impl Ingest {
                     "node `{}` is not on the spatial-node topic",
                     reading.node_id
                 );
-                self.reject(id, refused(DeadLetterReason::UnknownNode, error))
-                    .await?;
+                self.reject(
+                    id,
+                    refused(self.topic(id), DeadLetterReason::UnknownNode, error),
+                )
+                .await?;
                 continue;
             };
             let at = Provenance {
@@ -217,7 +244,7 @@ impl Ingest {
                         "event time {} is in a step that closed at {step_end_ms} (cell watermark {watermark_ms})",
                         reading.event_time_ms
                     );
-                    self.reject(id, refused(DeadLetterReason::Late, error))
+                    self.reject(id, refused(self.topic(id), DeadLetterReason::Late, error))
                         .await?;
                 }
                 Admission::CellFull => {
@@ -226,8 +253,11 @@ impl Ingest {
                         node.cell,
                         self.assembler.spec().max_nodes
                     );
-                    self.reject(id, refused(DeadLetterReason::CellFull, error))
-                        .await?;
+                    self.reject(
+                        id,
+                        refused(self.topic(id), DeadLetterReason::CellFull, error),
+                    )
+                    .await?;
                 }
                 Admission::TooManyCells => {
                     let error = format!(
@@ -235,8 +265,11 @@ impl Ingest {
                         node.cell,
                         self.assembler.spec().max_cells
                     );
-                    self.reject(id, refused(DeadLetterReason::CellLimit, error))
-                        .await?;
+                    self.reject(
+                        id,
+                        refused(self.topic(id), DeadLetterReason::CellLimit, error),
+                    )
+                    .await?;
                 }
             }
             telemetry::windows_closed(&self.stats, closed.emitted, closed.sparse, closed.warmup);
@@ -248,8 +281,12 @@ impl Ingest {
             );
             self.emit().await?;
         }
-        self.decoded = readings;
         Ok(())
+    }
+
+    /// The name of the topic of `id`, for a dead letter.
+    fn topic(&self, id: i32) -> String {
+        self.partitions.pair(id).0.clone()
     }
 
     /// Tells the judging task about cells no longer held, placed after the windows sent so far.

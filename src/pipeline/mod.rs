@@ -1,20 +1,24 @@
 //! pipeline: wires source → decode → registry → assemble → infer → detect → sink.
 //!
 //! ```text
-//!  consumer ──► ingest loop ──windows──► infer (batches, blocking pool) ──► detect + publish
-//!  (group)      decode, registry,  │                                          │ acks release
-//!               assemble           └──dead letters──► dead-letter publisher ──┤ holds in the
-//!                 ▲                                                           ▼ offset ledger
-//!                 └──────────── store/commit what the ledger allows ◄─────────┘
+//!  consumer ──► reading task ──chunks──► ingest loop ──windows──► infer (batches, blocking pool)
+//!  (group)      poll, decode             registry,   │                          │
+//!                                        assemble    │                          ▼
+//!                                          ▲         └─dead letters─► publisher  detect + publish
+//!                                          │                            │ acks release holds
+//!                                          └── store/commit what the ───┘ in the offset ledger
+//!                                              ledger allows
 //! ```
 //!
 //! Every arrow is a bounded channel, so a slow stage slows the consumer instead of growing
-//! memory. Cancellation reaches only the ingest loop: it stops consuming and closes its output
-//! channels; each later stage drains what it has and ends when its input closes; then the final
-//! offsets are committed. See `source` for the commit invariant this wiring upholds.
+//! memory. The reading task runs beside the ingest loop, so that the two use both cores; it
+//! holds nothing a commit depends on. Cancellation reaches only the reading task and the ingest
+//! loop: they stop consuming and the loop closes its output channels; each later stage drains
+//! what it has and ends when its input closes; then the final offsets are committed. See
+//! `source` for the commit invariant this wiring upholds.
 //!
-//! This file loads, wires, drains and commits; `ingest.rs` is the consuming loop and
-//! `publish.rs` the judging task and the dead-letter publisher.
+//! This file loads, wires, drains and commits; `read.rs` is the reading task, `ingest.rs` the
+//! consuming loop and `publish.rs` the judging task and the dead-letter publisher.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,7 +36,6 @@ use crate::detect::{Detector, Judge};
 use crate::infer::contract::Standardisation;
 use crate::infer::{self, Inferred, Model, ModelContract};
 use crate::registry::Registry;
-use crate::schema::fast::Readings;
 use crate::schema::{self, SchemaIds};
 use crate::sink::Sink;
 use crate::source::{self, OffsetLedger, SourceContext, SourcePartitions};
@@ -41,12 +44,14 @@ use crate::telemetry::{self, Health, Stats};
 
 mod ingest;
 mod publish;
+mod read;
 
 pub use ingest::refuse;
 use ingest::{Ended, Ingest, PendingLetter};
 use publish::{
     Endings, Judging, publish_dead_letters, publish_events, restore_judge_state, save_judge_state,
 };
+use read::Reader;
 
 /// Most publishes awaiting acknowledgement at once, per publisher.
 pub(super) const MAX_IN_FLIGHT: usize = 512;
@@ -411,8 +416,9 @@ pub async fn run_with(
         failed.clone(),
     ));
 
+    let consumer = Arc::new(consumer);
+    let (reader, handover) = Reader::new(decoder, SourcePartitions::new(kinds.clone()));
     let mut ingest = Ingest {
-        decoder,
         registry: Arc::clone(&registry),
         assembler: Assembler::new(loaded.spec),
         partitions: SourcePartitions::new(kinds),
@@ -424,11 +430,17 @@ pub async fn run_with(
         ended: ended_tx,
         letters: letters_tx,
         scratch: Vec::new(),
-        decoded: Readings::default(),
         future: decode::FutureLimit::new(config.assemble.max_future),
     };
     let ingest_result = ingest
-        .run(&consumer, config.source.commit_interval, &cancel, &failed)
+        .run(
+            reader,
+            handover,
+            &consumer,
+            config.source.commit_interval,
+            &cancel,
+            &failed,
+        )
         .await;
 
     // Drain: closing the channels lets each later stage finish what it holds, in order.

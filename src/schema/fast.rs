@@ -184,6 +184,20 @@ impl Readings {
         self.len = 0;
     }
 
+    /// How many readings it holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps the first `len` readings; the slots after them stay for later decodes.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// The readings of the last decode, owned.
     pub fn into_vec(mut self) -> Vec<Reading> {
         self.items.truncate(self.len);
@@ -219,14 +233,14 @@ pub fn read_batch(datum: &[u8]) -> Result<Vec<Reading>, FastError> {
     Ok(out.into_vec())
 }
 
-/// [`read_reading`] into `out` (cleared first; empty again on failure).
+/// [`read_reading`], appended to `out` (nothing appended on failure).
 pub fn read_reading_into(datum: &[u8], out: &mut Readings) -> Result<(), FastError> {
     read_into(datum, out, |cursor, out| {
         cursor.reading_into(out.next_slot())
     })
 }
 
-/// [`read_batch`] into `out` (cleared first; empty again on failure).
+/// [`read_batch`], appended to `out` (nothing appended on failure).
 pub fn read_batch_into(datum: &[u8], out: &mut Readings) -> Result<(), FastError> {
     read_into(datum, out, |cursor, out| {
         loop {
@@ -242,18 +256,18 @@ pub fn read_batch_into(datum: &[u8], out: &mut Readings) -> Result<(), FastError
     })
 }
 
-/// Runs `read` over the whole of `datum` into `out`, cleared first; on failure `out` holds no
-/// reading, not the ones read before the fault.
+/// Runs `read` over the whole of `datum`, appending to `out`; on failure `out` holds what it
+/// held before, not the readings read before the fault.
 fn read_into(
     datum: &[u8],
     out: &mut Readings,
     read: impl FnOnce(&mut Cursor<'_>, &mut Readings) -> Result<(), FastError>,
 ) -> Result<(), FastError> {
-    out.clear();
+    let before = out.len();
     let mut cursor = Cursor { buf: datum };
     let decoded = read(&mut cursor, out).and_then(|()| cursor.finish());
     if decoded.is_err() {
-        out.clear();
+        out.truncate(before);
     }
     decoded
 }
@@ -313,22 +327,29 @@ mod tests {
             garbage in prop::collection::vec(any::<u8>(), 0..32),
         ) {
             // Batches of different sizes, channel sets and node ids, and failed decodes in
-            // between, all into one buffer: each decode holds exactly what a fresh one holds.
+            // between, all appended to one buffer, cleared now and then: it holds exactly what
+            // fresh decodes of the same datums hold.
             let mut reused = Readings::default();
-            for readings in &batches {
+            for (round, readings) in batches.iter().enumerate() {
+                if round % 2 == 0 {
+                    reused.clear();
+                }
+                let before = reused.len();
                 let bytes = write_datum(RecordKind::ReadingBatch.schema(), &records::batch_to_value(readings)).unwrap();
                 read_batch_into(&bytes, &mut reused).unwrap();
                 let fresh = read_batch(&bytes).unwrap();
-                prop_assert_eq!(reused.as_slice().len(), fresh.len());
-                prop_assert!(reused.as_slice().iter().zip(&fresh).all(|(a, b)| a.same_bits(b)));
+                prop_assert_eq!(reused.len() - before, fresh.len());
+                prop_assert!(reused.as_slice()[before..].iter().zip(&fresh).all(|(a, b)| a.same_bits(b)));
+                let before = reused.len();
                 if read_batch_into(&garbage, &mut reused).is_err() {
-                    prop_assert!(reused.as_slice().is_empty());
+                    prop_assert_eq!(reused.len(), before);
                 }
                 for r in readings {
                     let bytes = write_datum(RecordKind::Reading.schema(), &r.to_value()).unwrap();
                     read_reading_into(&bytes, &mut reused).unwrap();
-                    prop_assert_eq!(reused.as_slice().len(), 1);
-                    prop_assert!(reused.as_slice()[0].same_bits(r));
+                    prop_assert_eq!(reused.len(), before + 1);
+                    prop_assert!(reused.as_slice()[before].same_bits(r));
+                    reused.truncate(before);
                 }
             }
         }
