@@ -273,13 +273,19 @@ impl Ingest {
                 }
             }
             telemetry::windows_closed(&self.stats, closed.emitted, closed.sparse, closed.warmup);
-            let silent = closed.silent.into_iter();
-            self.end(
-                silent
-                    .map(|(c, at_ms)| (c, Ending::Silent { at_ms }))
-                    .collect(),
-            );
-            self.emit().await?;
+            // Checked here, not only inside: this runs for every reading, and collecting the
+            // empty list was about 1.5 % of the batch ingest profile.
+            if !closed.silent.is_empty() {
+                let silent = closed.silent.into_iter();
+                self.end(
+                    silent
+                        .map(|(c, at_ms)| (c, Ending::Silent { at_ms }))
+                        .collect(),
+                );
+            }
+            if !self.scratch.is_empty() {
+                self.emit().await?;
+            }
         }
         Ok(())
     }
