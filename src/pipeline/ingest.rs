@@ -102,7 +102,12 @@ impl Ingest {
 
     async fn take(&mut self, chunk: &Chunk) -> anyhow::Result<()> {
         for (topic, partition) in &chunk.partitions {
-            self.partitions.id(topic, *partition);
+            let id = self.partitions.id(topic, *partition);
+            debug_assert_eq!(
+                id as usize + 1,
+                self.partitions.len(),
+                "ids handed out in order"
+            );
         }
         for item in &chunk.items {
             match item {
