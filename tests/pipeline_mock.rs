@@ -381,31 +381,7 @@ async fn pipeline_publishes_the_expected_events_and_dead_letters() {
     assert_eq!(letters.len(), bad.len());
     let reading_codec = Codec::new(RecordKind::Reading, WireFormat::Plain);
     for (reason, partition, offset, payload, reading) in &bad {
-        let letter = letters
-            .iter()
-            .find(|m| {
-                common::header(m, dead_letter_headers::SOURCE_OFFSET) == Some(offset.to_string())
-                    && common::header(m, dead_letter_headers::SOURCE_PARTITION)
-                        == Some(partition.to_string())
-            })
-            .unwrap_or_else(|| panic!("no dead letter for {reason:?} at {partition}/{offset}"));
-        assert_eq!(
-            common::header(letter, dead_letter_headers::REASON).as_deref(),
-            Some(reason.as_str())
-        );
-        assert_eq!(
-            common::header(letter, dead_letter_headers::SOURCE_TOPIC).as_deref(),
-            Some(READINGS)
-        );
-        assert_eq!(
-            common::header(letter, dead_letter_headers::SOURCE_PARTITION),
-            Some(partition.to_string())
-        );
-        assert_eq!(
-            common::header(letter, dead_letter_headers::SOURCE_OFFSET),
-            Some(offset.to_string())
-        );
-        assert!(common::header(letter, dead_letter_headers::ERROR).is_some_and(|e| !e.is_empty()));
+        let letter = dead_letter(&letters, *reason, READINGS, *partition, *offset);
         match reading {
             // Whole undecodable messages keep their bytes.
             None => assert_eq!(letter.payload(), Some(payload.as_slice())),
@@ -534,22 +510,7 @@ async fn single_reading_messages_dead_letter_their_own_bytes() {
     let letters = common::read_all(&fixture.bootstrap, "gridwatch-dlq");
     assert_eq!(letters.len(), bad.len());
     for (reason, partition, offset, payload) in &bad {
-        let letter = letters
-            .iter()
-            .find(|m| {
-                common::header(m, dead_letter_headers::SOURCE_OFFSET) == Some(offset.to_string())
-                    && common::header(m, dead_letter_headers::SOURCE_PARTITION)
-                        == Some(partition.to_string())
-            })
-            .unwrap_or_else(|| panic!("no dead letter for {reason:?} at {partition}/{offset}"));
-        assert_eq!(
-            common::header(letter, dead_letter_headers::REASON).as_deref(),
-            Some(reason.as_str())
-        );
-        assert_eq!(
-            common::header(letter, dead_letter_headers::SOURCE_TOPIC).as_deref(),
-            Some(SINGLES)
-        );
+        let letter = dead_letter(&letters, *reason, SINGLES, *partition, *offset);
         assert_eq!(letter.payload(), Some(payload.as_slice()));
         assert_eq!(
             common::header(letter, dead_letter_headers::BATCH_INDEX),
@@ -557,6 +518,35 @@ async fn single_reading_messages_dead_letter_their_own_bytes() {
         );
     }
     fixture.close();
+}
+
+/// The dead letter of the message at `partition`/`offset` of `topic`, after checking that it
+/// says so in its headers, with `reason` and an error message.
+fn dead_letter<'a>(
+    letters: &'a [rdkafka::message::OwnedMessage],
+    reason: DeadLetterReason,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> &'a rdkafka::message::OwnedMessage {
+    let letter = letters
+        .iter()
+        .find(|m| {
+            common::header(m, dead_letter_headers::SOURCE_OFFSET) == Some(offset.to_string())
+                && common::header(m, dead_letter_headers::SOURCE_PARTITION)
+                    == Some(partition.to_string())
+        })
+        .unwrap_or_else(|| panic!("no dead letter for {reason:?} at {partition}/{offset}"));
+    assert_eq!(
+        common::header(letter, dead_letter_headers::REASON).as_deref(),
+        Some(reason.as_str())
+    );
+    assert_eq!(
+        common::header(letter, dead_letter_headers::SOURCE_TOPIC).as_deref(),
+        Some(topic)
+    );
+    assert!(common::header(letter, dead_letter_headers::ERROR).is_some_and(|e| !e.is_empty()));
+    letter
 }
 
 /// Starts the pipeline on `config` and returns its stats, cancel token and task.
