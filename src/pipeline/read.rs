@@ -90,7 +90,8 @@ pub(super) struct Reader {
     decoder: Decoder,
     partitions: SourcePartitions,
     chunks: mpsc::Sender<Chunk>,
-    /// Chunks the consuming loop has finished with.
+    /// Chunks the consuming loop has finished with. Unbounded, yet it never holds more than the
+    /// chunks there are: one being filled, `CHUNKS_IN_FLIGHT` queued, one being assembled.
     spent: mpsc::UnboundedReceiver<Chunk>,
 }
 
