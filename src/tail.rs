@@ -38,6 +38,12 @@ pub fn utc(ms: i64) -> String {
 /// contributors (for a silent cell's CLOSE, since when it has been silent), and the sensor
 /// checks that fired, which make a window anomalous whatever its score.
 pub fn event_line(e: &AnomalyEvent) -> String {
+    let beyond = |what: &str, b: &BeyondBound, sign: char| {
+        format!(
+            "{what} {} {} {} {sign} {}",
+            b.node_id, b.channel, b.value, b.bound
+        )
+    };
     let mut contributors: Vec<String> = e
         .contributors
         .iter()
@@ -62,18 +68,12 @@ pub fn event_line(e: &AnomalyEvent) -> String {
             let off = d.level - d.usual;
             format!("diverged {} {} {off:+.1} from usual", d.node_id, d.channel)
         }))
-        .chain(e.below_floor.iter().map(|b| {
-            format!(
-                "below floor {} {} {} < {}",
-                b.node_id, b.channel, b.value, b.bound
-            )
-        }))
-        .chain(e.above_ceiling.iter().map(|b| {
-            format!(
-                "above ceiling {} {} {} > {}",
-                b.node_id, b.channel, b.value, b.bound
-            )
-        }))
+        .chain(e.below_floor.iter().map(|b| beyond("below floor", b, '<')))
+        .chain(
+            e.above_ceiling
+                .iter()
+                .map(|b| beyond("above ceiling", b, '>')),
+        )
         .collect();
     if !checks.is_empty() {
         contributors.push(format!("checks: {}", checks.join("; ")));

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::assemble::{Admission, Assembler, Provenance, Window};
 use crate::config::BadInputPolicy;
-use crate::decode;
+use crate::decode::{self, PayloadKind};
 use crate::registry::Registry;
 use crate::schema::{self, DeadLetterReason, RecordKind};
 use crate::sink::DeadLetter;
@@ -177,7 +177,7 @@ impl Ingest {
             };
             return self.reject(id, letter).await;
         }
-        let batch = message.batch;
+        let batch = self.partitions.kind(id) == PayloadKind::Batch;
         for (index, reading) in readings.iter().enumerate() {
             let refused = |topic: String, reason: DeadLetterReason, error: String| DeadLetter {
                 reason,

@@ -80,8 +80,6 @@ pub(super) struct Consumed {
     /// one that could not be decoded (a reading of a batch is written out on its own).
     pub(super) payload: Option<Range<usize>>,
     pub(super) readings: Range<usize>,
-    /// From a `ReadingBatch` topic.
-    pub(super) batch: bool,
     pub(super) error: Option<DecodeError>,
 }
 
@@ -195,7 +193,6 @@ impl Reader {
             key,
             payload,
             readings: start..chunk.readings.len(),
-            batch: kind == PayloadKind::Batch,
             error: decoded.err(),
         }));
     }
